@@ -1,0 +1,93 @@
+"""The ``tdxh`` command line (also ``python -m harness``): one subcommand per user task.
+
+Subcommands that need a kernel or an emulator live beside this file's helpers; the offline ones
+(``pamt-model``, ``trace``) work anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from harness.observe import pamt
+from harness.seam.trace import format_record, read_trace
+
+
+def _address(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address (hex 0x... or decimal): {text!r}") from None
+
+
+def _entry_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        a, b, c = (int(part, 0) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three sizes A,B,C (4K,2M,1G), got {text!r}") from None
+    return a, b, c
+
+
+def cmd_pamt_model(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.e820).read_text() if args.e820 != "-" else sys.stdin.read()
+        result = pamt.model(pamt.parse_e820(text), args.numa_boundary, args.entry_sizes)
+    except OSError as err:
+        print(f"pamt-model: cannot read {args.e820}: {err.strerror}", file=sys.stderr)
+        return 2
+    except pamt.E820Error as err:
+        print(f"pamt-model: {args.e820}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    try:
+        records = read_trace(Path(args.file))
+    except OSError as err:
+        print(f"trace: cannot read {args.file}: {err.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"trace: {err}", file=sys.stderr)
+        return 2
+    for record in records:
+        print(format_record(record))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdxh", description="Test harness for the Linux TDX host code.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pamt-model", help="TDMRs and PAMT size Linux computes for an e820 map")
+    p.add_argument("--e820", required=True, help="file with the kernel's BIOS-e820 lines ('-' for stdin)")
+    p.add_argument("--numa-boundary", type=_address, action="append", default=[], metavar="ADDR",
+                   help="physical address where a NUMA node starts (repeatable)")
+    p.add_argument("--entry-sizes", type=_entry_sizes, default=(16, 16, 16), metavar="A,B,C",
+                   help="PAMT entry sizes for 4K,2M,1G pages (default 16,16,16)")
+    p.set_defaults(func=cmd_pamt_model)
+
+    p = sub.add_parser("trace", help="print a SEAMCALL trace (JSON lines) readably")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_trace)
+
+    from harness import commands  # the subcommands that build and boot
+    commands.add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

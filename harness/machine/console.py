@@ -1,0 +1,283 @@
+"""The guest console channel (COM1): one reader thread drains the emulator's console socket into
+the console log and an in-memory buffer; callers wait for patterns on it and run shell commands
+through the protocol of the initramfs shell (images/initramfs/init).
+
+Protocol: the shell prints "TDXH-READY <uname -r>" when it reads commands. For each command the
+harness writes `<cmd>; echo "<token>:$?"` with a fresh random token and reads up to
+"<token>:<status>"; the command's output is what came in between, less kernel messages.
+
+Kernel messages share the console. A whole line starting with a printk timestamp
+("[    1.234567] ...") is taken for a kernel message and left out of command output (it stays in
+the log and in `lines()`); a kernel message that lands inside a line of output cannot be told
+apart and stays in it. A command that prints such lines itself (`dmesg`) needs
+`run(..., strip_printk=False)` or a raw format (`dmesg -r`).
+
+Every wait has a deadline; a wait that fails raises `ConsoleTimeout` or `ConsoleClosed` naming
+what was awaited, with the log path and the last console lines.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+import secrets
+import selectors
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from harness.deadline import Deadline
+
+log = logging.getLogger("harness.machine.console")
+
+READY_PATTERN = re.compile(r"TDXH-READY (\S+)\n")
+# "[    1.234567] text", also with CONFIG_PRINTK_CALLER ("[    1.234567][    T1] text").
+PRINTK_LINE = re.compile(r"\[\s*\d+\.\d+\]")
+TAIL_LINES = 20
+CHUNK_SIZE = 65536
+# N_TTY keeps at most 4095 characters of a line in canonical mode and drops the rest.
+MAX_LINE_BYTES = 4095
+# The reader only blocks in select() and in writing the log: it stops within this after close().
+READER_STOP_SECONDS = 5.0
+# A serial console ends lines with "\r\n" (the 8250 console and the tty's onlcr); programs that
+# write "\r\n" themselves come out as "\r\r\n". All of these are folded to "\n".
+_LINE_END = re.compile(r"\r+\n")
+_TRAILING_CR = re.compile(r"\r+$")
+
+
+class ConsoleSocket(Protocol):
+    """What the console needs of its connected stream socket (a `socket.socket` fits)."""
+
+    def fileno(self) -> int: ...
+
+    def recv(self, bufsize: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConsoleError(Exception):
+    """Root of the console layer's errors."""
+
+
+class ConsoleWaitError(ConsoleError):
+    """A wait on the console failed; says what was awaited and shows the end of the console."""
+
+    def __init__(self, reason: str, awaited: str, tail: list[str], log_path: Path) -> None:
+        self.awaited = awaited
+        self.tail = tail
+        self.log_path = log_path
+        shown = "\n".join(f"  | {line}" for line in tail) or "  (console is empty)"
+        super().__init__(f"{reason} waiting for {awaited}\n"
+                         f"console log: {log_path}\n"
+                         f"last {len(tail)} console lines:\n{shown}")
+
+
+class ConsoleTimeout(ConsoleWaitError):
+    """The deadline passed before the awaited text arrived."""
+
+
+class ConsoleClosed(ConsoleWaitError):
+    """The console ended (EOF: the emulator exited, or `close()` was called) before the awaited
+    text arrived."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    status: int
+    output: str
+
+
+class Console:
+    """A guest console on a connected stream socket, drained from the moment it is created.
+
+    The console owns the socket and closes it in `close()`: QEMU cannot exit while its console
+    socket is open and unread, so close the console before waiting for the emulator. Waits are
+    meant for one caller at a time.
+    """
+
+    def __init__(self, sock: ConsoleSocket, log_path: Path) -> None:
+        self.log_path = log_path
+        self._sock = sock
+        # Appending: a console reopened on the same run directory keeps what came before.
+        self._log = open(log_path, "ab")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held_cr = ""  # a chunk's trailing "\r"s, kept until the next chunk says if "\n" follows
+        self._cond = threading.Condition()
+        self._text = ""  # everything received, line ends folded to "\n"
+        self._cursor = 0  # where the next wait starts matching
+        self._eof = False
+        self._closed = False
+        self._reader_error: OSError | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._reader = threading.Thread(target=self._drain, name="console-reader", daemon=True)
+        self._reader.start()
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- reader thread ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._sock.fileno(), selectors.EVENT_READ, "console")
+                selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+                # select() has no timeout here on purpose: close() wakes it through the pipe,
+                # and the callers' waits carry their own deadlines.
+                while True:
+                    if any(key.data == "wake" for key, _ in selector.select()):
+                        return
+                    try:
+                        chunk = self._sock.recv(CHUNK_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if not chunk:
+                        log.info("console: EOF from the emulator")
+                        return
+                    self._absorb(chunk)
+        except OSError as exc:
+            log.warning("console: read failed: %s", exc)
+            self._reader_error = exc
+        finally:
+            self._absorb(b"", final=True)
+
+    def _absorb(self, chunk: bytes, final: bool = False) -> None:
+        if chunk:
+            self._log.write(chunk)
+            self._log.flush()
+        text = self._held_cr + self._decoder.decode(chunk, final=final)
+        held = _TRAILING_CR.search(text)
+        if held and not final:
+            self._held_cr = held.group()
+            text = text[:held.start()]
+        else:
+            self._held_cr = ""
+        with self._cond:
+            self._text += _LINE_END.sub("\n", text)
+            self._eof = self._eof or final
+            self._cond.notify_all()
+
+    # --- waits -----------------------------------------------------------------------------
+
+    def expect(self, pattern: re.Pattern[str] | str, deadline: Deadline) -> re.Match[str]:
+        """Wait until `pattern` (a regular expression; line ends are "\\n") matches text after
+        the cursor, and move the cursor past the match. A pattern may match text that is still
+        arriving: end it with "\\n" to get whole lines.
+
+        Raises ConsoleTimeout when `deadline` passes, ConsoleClosed on EOF or after close().
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        return self._wait(regex, deadline, f"pattern {regex.pattern!r}")
+
+    def wait_ready(self, deadline: Deadline) -> str:
+        """Wait for the initramfs shell's readiness marker; returns the guest's `uname -r`."""
+        return self._wait(READY_PATTERN, deadline, "the readiness marker TDXH-READY").group(1)
+
+    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
+        """Run one shell command line in the guest and wait up to `timeout` seconds for its exit
+        status. Output is stdout and stderr together, line ends "\\n", without kernel message
+        lines unless `strip_printk` is False. Text that arrived before the command was sent is
+        skipped. After a timeout the command may still be running: the console is then in an
+        unknown state and the machine should be treated as broken.
+        """
+        if "\n" in cmd or "\r" in cmd:
+            raise ValueError(f"run() takes one command line, got {cmd!r}: join the commands "
+                             "with ';' or write a script file")
+        deadline = Deadline.after(timeout)
+        token = f"__TDXH_END_{secrets.token_hex(3)}__"
+        line = f'{cmd}; echo "{token}:$?"'
+        data = f"{line}\n".encode()
+        if len(data) > MAX_LINE_BYTES:
+            raise ValueError(f"command line of {len(data)} bytes is longer than the tty takes "
+                             f"({MAX_LINE_BYTES}): write a script file and run that")
+        awaited = f"the end of command {cmd!r} (marker {token})"
+        with self._cond:
+            start = self._cursor = len(self._text)
+            if self._closed:
+                raise ConsoleClosed("console already closed", awaited, self._tail(), self.log_path)
+        log.debug("console run: %s", cmd)
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ConsoleClosed(f"sending failed ({exc})", awaited, self._tail(),
+                                self.log_path) from exc
+        end = self._wait(re.compile(re.escape(token) + r":(\d+)\n"), deadline, awaited)
+        with self._cond:
+            raw = self._text[start:end.start()]
+        return CommandResult(int(end.group(1)), command_output(raw, line, strip_printk))
+
+    def _wait(self, regex: re.Pattern[str], deadline: Deadline, awaited: str) -> re.Match[str]:
+        with self._cond:
+            while True:
+                match = regex.search(self._text, self._cursor)
+                if match:
+                    self._cursor = match.end()
+                    return match
+                if self._closed:
+                    raise ConsoleClosed("console closed", awaited, self._tail(), self.log_path)
+                if self._eof:
+                    why = f"read failed: {self._reader_error}" if self._reader_error else "EOF"
+                    raise ConsoleClosed(f"console ended ({why}; did the emulator exit?)",
+                                        awaited, self._tail(), self.log_path)
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise ConsoleTimeout(f"timed out after {deadline.seconds:g} s", awaited,
+                                         self._tail(), self.log_path)
+                self._cond.wait(remaining)
+
+    # --- inspection and teardown -----------------------------------------------------------
+
+    def lines(self) -> list[str]:
+        """All console lines so far (kernel messages included), the last one possibly partial."""
+        with self._cond:
+            return split_lines(self._text)
+
+    def _tail(self) -> list[str]:
+        return self.lines()[-TAIL_LINES:]
+
+    def close(self) -> None:
+        """Stop the reader, close the log and the socket. Waits in progress raise ConsoleClosed.
+        Safe to call more than once."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        os.write(self._wake_w, b"x")
+        self._reader.join(READER_STOP_SECONDS)
+        if self._reader.is_alive():
+            log.warning("console reader did not stop within %g s", READER_STOP_SECONDS)
+        self._log.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._sock.close()
+
+
+def split_lines(text: str) -> list[str]:
+    """`text` split at "\\n" only (str.splitlines also splits at \\r, \\f, \\x1c...), without a
+    trailing empty line."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def command_output(raw: str, sent_line: str, strip_printk: bool) -> str:
+    """The output of a command from the console text between sending it and its end marker:
+    without kernel message lines (if `strip_printk`) and without the command line itself when
+    the tty echoed it."""
+    lines = [line + "\n" for line in raw.split("\n")]
+    lines[-1] = lines[-1][:-1]  # raw.split() gave one more piece than there are line ends
+    if strip_printk:
+        lines = [line for line in lines if not PRINTK_LINE.match(line)]
+    if lines and lines[0].rstrip("\n") == sent_line:
+        lines = lines[1:]
+    return "".join(lines)

@@ -1,0 +1,1 @@
+"""What tests assert on: dmesg timelines, the PAMT model, crash classification."""

@@ -1,0 +1,274 @@
+"""Constants of the TDX module ABI: leaf numbers, completion statuses, operand ids, metadata
+field ids and structure layouts, named as the ABI specification and Linux name them.
+
+Values are those of the TDX module ABI (Intel TDX Module v1.5 ABI) and of Linux 7.2/7.3
+(arch/x86/virt/vmx/tdx/tdx.h, arch/x86/include/asm/shared/tdx_errno.h, asm/tdx.h).
+"""
+
+from __future__ import annotations
+
+import enum
+
+# --- SEAMCALL leaves (RAX bits 15:0; bits 23:16 are the leaf version) -------------------------
+
+
+class Leaf(enum.IntEnum):
+    TDH_VP_ENTER = 0
+    TDH_MNG_ADDCX = 1
+    TDH_MEM_PAGE_ADD = 2
+    TDH_MEM_SEPT_ADD = 3
+    TDH_VP_ADDCX = 4
+    TDH_MEM_PAGE_AUG = 6
+    TDH_MEM_RANGE_BLOCK = 7
+    TDH_MNG_KEY_CONFIG = 8
+    TDH_MNG_CREATE = 9
+    TDH_VP_CREATE = 10
+    TDH_MNG_RD = 11
+    TDH_MR_EXTEND = 16
+    TDH_MR_FINALIZE = 17
+    TDH_VP_FLUSH = 18
+    TDH_MNG_VPFLUSHDONE = 19
+    TDH_MNG_KEY_FREEID = 20
+    TDH_MNG_INIT = 21
+    TDH_VP_INIT = 22
+    TDH_PHYMEM_PAGE_RDMD = 24
+    TDH_VP_RD = 26
+    TDH_PHYMEM_PAGE_RECLAIM = 28
+    TDH_MEM_PAGE_REMOVE = 29
+    TDH_SYS_KEY_CONFIG = 31
+    TDH_SYS_INIT = 33
+    TDH_SYS_RD = 34
+    TDH_SYS_LP_INIT = 35
+    TDH_SYS_TDMR_INIT = 36
+    TDH_MEM_TRACK = 38
+    TDH_PHYMEM_CACHE_WB = 40
+    TDH_PHYMEM_PAGE_WBINVD = 41
+    TDH_VP_WR = 43
+    TDH_SYS_CONFIG = 45
+    TDH_SYS_SHUTDOWN = 52
+    TDH_SYS_UPDATE = 53
+    TDH_SYS_DISABLE = 69
+
+
+LEAF_NUMBER_MASK = 0xFFFF
+LEAF_VERSION_SHIFT = 16
+LEAF_VERSION_MASK = 0xFF
+# Bit 63 of RAX selects the P-SEAMLDR instead of the TDX module.
+P_SEAMLDR_LEAF_BIT = 1 << 63
+
+
+def leaf_name(fn: int) -> str:
+    """Readable name of a SEAMCALL RAX value, e.g. ``TDH.SYS.CONFIG`` or ``leaf 99``."""
+    if fn & P_SEAMLDR_LEAF_BIT:
+        return f"P-SEAMLDR leaf {fn & ~P_SEAMLDR_LEAF_BIT:#x}"
+    number = fn & LEAF_NUMBER_MASK
+    try:
+        name = Leaf(number).name
+    except ValueError:
+        return f"leaf {number}"
+    dotted = name.replace("_", ".")
+    version = (fn >> LEAF_VERSION_SHIFT) & LEAF_VERSION_MASK
+    return f"{dotted} v{version}" if version else dotted
+
+
+# --- Completion status codes (RAX on return) --------------------------------------------------
+# Bits 63:32 identify the status, bits 31:0 carry an operand id or details.
+
+STATUS_MASK = 0xFFFFFFFF00000000
+DETAILS_MASK = 0x00000000FFFFFFFF
+
+
+class Status(enum.IntEnum):
+    TDX_SUCCESS = 0x0000000000000000
+    TDX_NON_RECOVERABLE_VCPU = 0x4000000100000000
+    TDX_NON_RECOVERABLE_TD = 0x6000000200000000
+    TDX_INTERRUPTED_RESUMABLE = 0x8000000300000000
+    TDX_INTERRUPTED_RESTARTABLE = 0x8000000400000000
+    TDX_OPERAND_INVALID = 0xC000010000000000
+    TDX_OPERAND_ADDR_RANGE_ERROR = 0xC000010100000000
+    TDX_OPERAND_BUSY = 0x8000020000000000
+    TDX_PREVIOUS_TLB_EPOCH_BUSY = 0x8000020100000000
+    TDX_SYS_BUSY = 0x8000020200000000
+    TDX_RND_NO_ENTROPY = 0x8000020300000000
+    TDX_PAGE_METADATA_INCORRECT = 0xC000030000000000
+    TDX_PAGE_ALREADY_FREE = 0x0000030100000000
+    TDX_PAGE_NOT_OWNED_BY_TD = 0xC000030200000000
+    TDX_PAGE_NOT_FREE = 0xC000030300000000
+    TDX_TD_ASSOCIATED_PAGES_EXIST = 0xC000040000000000
+    TDX_SYS_INIT_NOT_PENDING = 0xC000050000000000
+    TDX_SYS_LP_INIT_NOT_DONE = 0xC000050200000000
+    TDX_SYS_LP_INIT_DONE = 0xC000050300000000
+    TDX_SYS_NOT_READY = 0xC000050500000000
+    TDX_SYS_SHUTDOWN = 0xC000050600000000
+    TDX_SYS_KEY_CONFIG_NOT_PENDING = 0xC000050700000000
+    TDX_SYS_STATE_INCORRECT = 0xC000050800000000
+    TDX_SYS_LP_INIT_NOT_PENDING = 0xC000050B00000000
+    TDX_SYS_CONFIG_NOT_PENDING = 0xC000050C00000000
+    TDX_KEY_GENERATION_FAILED = 0x8000080000000000
+    TDX_KEY_STATE_INCORRECT = 0xC000081100000000
+    TDX_KEY_CONFIGURED = 0x0000081500000000
+    TDX_NO_HKID_READY_TO_WBCACHE = 0x0000082100000000
+    TDX_INVALID_TDMR = 0xC0000A0000000000
+    TDX_NON_ORDERED_TDMR = 0xC0000A0100000000
+    TDX_TDMR_OUTSIDE_CMRS = 0xC0000A0200000000
+    TDX_TDMR_ALREADY_INITIALIZED = 0x00000A0300000000
+    TDX_INVALID_PAMT = 0xC0000A1000000000
+    TDX_PAMT_OUTSIDE_CMRS = 0xC0000A1100000000
+    TDX_PAMT_OVERLAP = 0xC0000A1200000000
+    TDX_INVALID_RESERVED_IN_TDMR = 0xC0000A2000000000
+    TDX_NON_ORDERED_RESERVED_IN_TDMR = 0xC0000A2100000000
+    TDX_METADATA_FIELD_ID_INCORRECT = 0xC0000C0000000000
+    TDX_METADATA_FIELD_NOT_READABLE = 0xC0000C0200000000
+    # Software-defined by Linux (asm/tdx.h): what the SEAMCALL instruction itself reports.
+    TDX_SEAMCALL_VMFAILINVALID = 0x8000FF00FFFF0000
+    TDX_SEAMCALL_GP = 0x8000FF000000000D
+    TDX_SEAMCALL_UD = 0x8000FF0000000006
+
+
+TDX_SW_ERROR = 0x8000FF0000000000
+
+
+class OperandId(enum.IntEnum):
+    """Operand ids ORed into bits 31:0 of a status (x86 register numbering, then structures)."""
+
+    RAX = 0
+    RCX = 1
+    RDX = 2
+    RBX = 3
+    RBP = 5
+    RSI = 6
+    RDI = 7
+    R8 = 8
+    R9 = 9
+    R10 = 10
+    R11 = 11
+    R12 = 12
+    R13 = 13
+    R14 = 14
+    R15 = 15
+    ATTRIBUTES = 64
+    XFAM = 65
+    EXEC_CONTROLS = 66
+    EPTP_CONTROLS = 67
+    MAX_VCPUS = 68
+    CPUID_CONFIG = 69
+    TSC_FREQUENCY = 70
+    TDR = 0x80
+    TDCX = 0x81
+    TDVPR = 0x82
+    SEPT = 0x92
+    TD_EPOCH = 0xA9
+
+
+def with_operand(status: Status, operand: OperandId) -> int:
+    """``api_error_with_operand_id()``: the operand id goes in the low bits."""
+    return int(status) + int(operand)
+
+
+def with_info(status: Status, info0: int = 0, info1: int = 0, info2: int = 0, info3: int = 0) -> int:
+    """``api_error_with_multiple_info()``: four detail bytes in bits 31:0."""
+    return int(status) + (info0 & 0xFF) + ((info1 & 0xFF) << 8) + ((info2 & 0xFF) << 16) + ((info3 & 0xFF) << 24)
+
+
+def status_name(status: int) -> str:
+    """Readable status, e.g. ``TDX_OPERAND_INVALID(RCX)`` or ``TDX_INVALID_PAMT(0x00000102)``."""
+    try:
+        return Status(status).name
+    except ValueError:
+        pass
+    base, details = status & STATUS_MASK, status & DETAILS_MASK
+    try:
+        name = Status(base).name
+    except ValueError:
+        return f"{status:#018x}"
+    if base in (Status.TDX_OPERAND_INVALID, Status.TDX_OPERAND_ADDR_RANGE_ERROR,
+                Status.TDX_OPERAND_BUSY, Status.TDX_PAGE_METADATA_INCORRECT):
+        try:
+            return f"{name}({OperandId(details).name})"
+        except ValueError:
+            pass
+    return f"{name}({details:#010x})"
+
+
+def is_error(status: int) -> bool:
+    return bool(status >> 63)
+
+
+# --- Page types (TDH.PHYMEM.PAGE.RDMD RCX output) ---------------------------------------------
+
+
+class PageType(enum.IntEnum):
+    PT_NDA = 0
+    PT_RSVD = 1
+    PT_REG = 3
+    PT_TDR = 4
+    PT_TDCX = 5
+    PT_TDVPR = 6
+    PT_EPT = 8
+
+
+class PageSize(enum.IntEnum):
+    """TDX page-size codes (PAMT levels): used in TDX_INVALID_PAMT/TDX_PAMT_OVERLAP details."""
+
+    PT_4KB = 0
+    PT_2MB = 1
+    PT_1GB = 2
+
+
+PAGE_SIZE_BYTES = {PageSize.PT_4KB: 4096, PageSize.PT_2MB: 2 << 20, PageSize.PT_1GB: 1 << 30}
+
+# --- Structures -------------------------------------------------------------------------------
+
+SZ_4K = 4096
+SZ_1M = 1 << 20
+SZ_1G = 1 << 30
+TDMR_INFO_ALIGNMENT = 512
+TDMR_INFO_PA_ARRAY_ALIGNMENT = 512
+TDMR_INFO_HEADER_SIZE = 64  # base, size, pamt_1g_base/size, pamt_2m_base/size, pamt_4k_base/size
+TDMR_RESERVED_AREA_SIZE = 16  # offset, size
+# Size of one PAMT entry in the real module (pamt_entry_t); also what SYS.RD reports.
+PAMT_ENTRY_SIZE = 16
+
+# --- Global metadata field ids (TDH.SYS.RD RDX) -----------------------------------------------
+# Bits 33:32 of a field id give the element size: 0 = 8, 1 = 16, 2 = 32, 3 = 64 bits.
+
+FIELD_ELEMENT_SIZE_SHIFT = 32
+FIELD_ELEMENT_SIZE_MASK = 0x3
+
+
+def field_element_bits(field_id: int) -> int:
+    return 8 << ((field_id >> FIELD_ELEMENT_SIZE_SHIFT) & FIELD_ELEMENT_SIZE_MASK)
+
+
+class Field(enum.IntEnum):
+    """Global metadata fields Linux 7.2/7.3 reads (arch/x86/virt/vmx/tdx/tdx_global_metadata.c)."""
+
+    MINOR_VERSION = 0x0800000100000003
+    MAJOR_VERSION = 0x0800000100000004
+    UPDATE_VERSION = 0x0800000100000005
+    TDX_FEATURES0 = 0x0A00000300000008
+    MAX_TDMRS = 0x9100000100000008
+    MAX_RESERVED_PER_TDMR = 0x9100000100000009
+    PAMT_4K_ENTRY_SIZE = 0x9100000100000010
+    PAMT_2M_ENTRY_SIZE = 0x9100000100000011
+    PAMT_1G_ENTRY_SIZE = 0x9100000100000012
+    TDR_BASE_SIZE = 0x9800000100000000
+    TDCS_BASE_SIZE = 0x9800000100000100
+    TDVPS_BASE_SIZE = 0x9800000100000200
+    ATTRIBUTES_FIXED0 = 0x1900000300000000
+    ATTRIBUTES_FIXED1 = 0x1900000300000001
+    XFAM_FIXED0 = 0x1900000300000002
+    XFAM_FIXED1 = 0x1900000300000003
+    NUM_CPUID_CONFIG = 0x9900000100000004
+    MAX_VCPUS_PER_TD = 0x9900000100000008
+    MODULE_HV = 0x8900000100000000
+
+
+# Arrays: element i of CPUID_CONFIG_LEAVES is BASE + i; CPUID_CONFIG_VALUES has two per leaf.
+FIELD_CPUID_CONFIG_LEAVES = 0x9900000300000400
+FIELD_CPUID_CONFIG_VALUES = 0x9900000300000500
+
+# TDX_FEATURES0 bits.
+TDX_FEATURES0_TD_PRESERVING = 1 << 1
+TDX_FEATURES0_NO_RBP_MOD = 1 << 18
+TDX_FEATURES0_TOPOLOGY_ENUM = 1 << 20

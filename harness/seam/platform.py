@@ -1,0 +1,149 @@
+"""The platform the software TDX module runs on: what the BIOS programmed and what the CPU is.
+
+A frozen dataclass, so a scenario states its platform as data and the trace can record it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from harness.seam import abi
+
+
+@dataclass(frozen=True)
+class LogicalCpu:
+    apic_id: int
+    package: int
+
+
+def qemu_topology(sockets: int, cores: int, threads: int = 1) -> tuple[LogicalCpu, ...]:
+    """Logical CPUs with the APIC ids QEMU assigns: thread, core and package fields each
+    padded to a power of two (so -smp 6,sockets=2 gives ids 0,1,2,4,5,6)."""
+    thread_bits = math.ceil(math.log2(threads)) if threads > 1 else 0
+    core_bits = math.ceil(math.log2(cores)) if cores > 1 else 0
+    return tuple(
+        LogicalCpu(apic_id=(pkg << (core_bits + thread_bits)) | (core << thread_bits) | thread, package=pkg)
+        for pkg in range(sockets) for core in range(cores) for thread in range(threads)
+    )
+
+
+@dataclass(frozen=True)
+class CpuidConfig:
+    """One CPUID_CONFIG entry: the leaf/subleaf and the bits the host VMM may configure."""
+
+    leaf: int
+    subleaf: int = 0xFFFFFFFF  # "no subleaf"
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    @property
+    def leaves_field(self) -> int:
+        return (self.subleaf << 32) | self.leaf
+
+    @property
+    def values_fields(self) -> tuple[int, int]:
+        return (self.ebx << 32) | self.eax, (self.edx << 32) | self.ecx
+
+
+DEFAULT_CPUID_CONFIG = (
+    CpuidConfig(leaf=0x1, eax=0x0FFF3FFF, ebx=0x00FF0000, ecx=0x31044D88, edx=0xB8400000),
+    CpuidConfig(leaf=0x7, subleaf=0, ebx=0xDC2AFBFB, ecx=0x5A405F5E, edx=0x3F00C010),
+    CpuidConfig(leaf=0xD, subleaf=0, eax=0x000602E7),
+    CpuidConfig(leaf=0xD, subleaf=1, eax=0x0000001E, ecx=0x00001900),
+    CpuidConfig(leaf=0x80000001, ecx=0x00000121, edx=0x2C100800),
+    CpuidConfig(leaf=0x80000008, eax=0x0000FFFF),
+)
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """The "BIOS and CPU" seen by the module and, through HELLO, by the kernel shim."""
+
+    # IA32_MKTME_KEYID_PARTITIONING: KeyID 0 is the host's; then MKTME KeyIDs; then TDX KeyIDs.
+    nr_mktme_keyids: int = 15
+    nr_tdx_keyids: int = 48
+    cpus: tuple[LogicalCpu, ...] = qemu_topology(sockets=1, cores=2)
+    # Convertible memory ranges (base, size): what the BIOS reports as TDX-capable DRAM.
+    cmrs: tuple[tuple[int, int], ...] = ((abi.SZ_1M, (2 << 30) - abi.SZ_1M),)
+    # Physical address width; the top HKID bits of it carry the KeyID.
+    max_pa_bits: int = 46
+    module_present: bool = True
+    major_version: int = 1
+    minor_version: int = 5
+    update_version: int = 16
+    module_hv: int = 0
+    tdx_features0: int = abi.TDX_FEATURES0_NO_RBP_MOD | abi.TDX_FEATURES0_TOPOLOGY_ENUM
+    max_tdmrs: int = 64
+    max_reserved_per_tdmr: int = 16
+    pamt_entry_sizes: tuple[int, int, int] = (abi.PAMT_ENTRY_SIZE,) * 3  # 4K, 2M, 1G
+    partial_write_erratum: bool = False
+    # TDMR.INIT initializes this many bytes of a TDMR per call (the real module bounds the
+    # latency of one SEAMCALL the same way).
+    tdmr_init_chunk: int = abi.SZ_1G
+    tdr_base_size: int = 4096
+    tdcs_base_size: int = 4 * 4096
+    tdvps_base_size: int = 5 * 4096
+    attributes_fixed0: int = 0x80000000D0000001  # DEBUG, SEPT_VE_DISABLE, PKS, KL, PERFMON
+    attributes_fixed1: int = 0
+    xfam_fixed0: int = 0x000602E7
+    xfam_fixed1: int = 0x00000003
+    max_vcpus_per_td: int = 576
+    cpuid_config: tuple[CpuidConfig, ...] = DEFAULT_CPUID_CONFIG
+
+    def __post_init__(self) -> None:
+        if not self.cpus:
+            raise ValueError("platform needs at least one logical CPU")
+        ids = [cpu.apic_id for cpu in self.cpus]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate APIC ids in {ids}")
+        if self.nr_mktme_keyids < 0 or self.nr_tdx_keyids < 0:
+            raise ValueError("KeyID counts must be >= 0")
+        if self.tdmr_init_chunk <= 0 or self.tdmr_init_chunk % abi.SZ_4K:
+            raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
+
+    @property
+    def tdx_keyid_start(self) -> int:
+        return self.nr_mktme_keyids + 1
+
+    @property
+    def tdx_keyids(self) -> range:
+        return range(self.tdx_keyid_start, self.tdx_keyid_start + self.nr_tdx_keyids)
+
+    @property
+    def packages(self) -> frozenset[int]:
+        return frozenset(cpu.package for cpu in self.cpus)
+
+    @property
+    def hkid_bits(self) -> int:
+        """Number of PA bits the KeyID takes (at the top of the physical address)."""
+        total = self.nr_mktme_keyids + self.nr_tdx_keyids + 1
+        return max(1, math.ceil(math.log2(total))) if total > 1 else 0
+
+    @property
+    def max_pa(self) -> int:
+        """First physical address that is not usable memory: the HKID bits begin here."""
+        return 1 << (self.max_pa_bits - self.hkid_bits)
+
+    def package_of(self, apic_id: int) -> int | None:
+        for cpu in self.cpus:
+            if cpu.apic_id == apic_id:
+                return cpu.package
+        return None
+
+    def replace(self, **changes: object) -> "PlatformConfig":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def cmrs_for_ram(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """CMRs for a machine whose RAM is ``ranges`` [(base, size)]: the BIOS does not report the
+    first 1 MiB as convertible (Linux relies on that, see build_tdx_memlist())."""
+    cmrs = []
+    for base, size in sorted(ranges):
+        start, end = max(base, abi.SZ_1M), base + size
+        if start < end:
+            cmrs.append((start, end - start))
+    return tuple(cmrs)

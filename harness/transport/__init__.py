@@ -1,0 +1,1 @@
+"""The wire between the kernel shim and the software module (docs/transport.md)."""

@@ -1,0 +1,248 @@
+"""Frame codec for docs/transport.md: encoding, a resynchronizing stream decoder, and the
+payload layouts of each frame type."""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+from harness.transport.errors import FramingError, ProtocolError
+
+MAGIC = b"TX"
+HEADER = struct.Struct("<2sBBHH")  # magic, type, flags, seq, length
+CRC = struct.Struct("<I")
+MAX_PAYLOAD = 4160
+MAX_MEM_CHUNK = 4096
+PROTO_VERSION = 1
+NR_REGS = 13
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    CALL = 0x02
+    MEM_DATA = 0x03
+    MEM_ACK = 0x04
+    ERROR = 0x7F
+    HELLO_ACK = 0x81
+    RETURN = 0x82
+    MEM_READ = 0x83
+    MEM_WRITE = 0x84
+
+
+class ErrorCode(enum.IntEnum):
+    FRAMING = 1
+    PROTOCOL = 2
+    INTERNAL = 3
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    seq: int
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        if len(self.payload) > MAX_PAYLOAD:
+            raise ValueError(f"payload of {len(self.payload)} bytes exceeds {MAX_PAYLOAD}")
+        head = HEADER.pack(MAGIC, self.type, 0, self.seq & 0xFFFF, len(self.payload))
+        return head + self.payload + CRC.pack(zlib.crc32(head + self.payload))
+
+
+class Decoder:
+    """Turns a byte stream into frames. Garbage before a magic, bad types, oversized lengths and
+    bad CRCs are reported as FramingError items and skipped, so one bad frame never wedges the
+    stream. ``max_buffer`` bounds memory if a peer sends a flood without magic."""
+
+    def __init__(self, max_buffer: int = 4 * (HEADER.size + MAX_PAYLOAD + CRC.size)) -> None:
+        self.buffer = bytearray()
+        self.max_buffer = max_buffer
+
+    def feed(self, data: bytes) -> list[Frame | FramingError]:
+        self.buffer += data
+        out: list[Frame | FramingError] = []
+        while True:
+            item = self._next()
+            if item is None:
+                break
+            out.append(item)
+        if len(self.buffer) > self.max_buffer:
+            dropped = bytes(self.buffer)
+            self.buffer.clear()
+            out.append(FramingError(f"read buffer limit of {self.max_buffer} bytes exceeded", dropped))
+        return out
+
+    def _next(self) -> Frame | FramingError | None:
+        buf = self.buffer
+        start = buf.find(MAGIC)
+        if start < 0:
+            # Keep a trailing first magic byte: the rest may arrive in the next chunk.
+            keep = 1 if buf.endswith(MAGIC[:1]) else 0
+            if len(buf) > keep:
+                garbage = bytes(buf[:len(buf) - keep])
+                del buf[:len(buf) - keep]
+                return FramingError("no magic", garbage)
+            return None
+        if start:
+            garbage = bytes(buf[:start])
+            del buf[:start]
+            return FramingError("bytes before magic", garbage)
+        if len(buf) < HEADER.size:
+            return None
+        _, ftype, flags, seq, length = HEADER.unpack_from(buf)
+        if length > MAX_PAYLOAD:
+            raw = bytes(buf[:HEADER.size])
+            del buf[:len(MAGIC)]
+            return FramingError(f"length {length} exceeds {MAX_PAYLOAD}", raw)
+        total = HEADER.size + length + CRC.size
+        if len(buf) < total:
+            return None
+        raw = bytes(buf[:total])
+        (crc,) = CRC.unpack_from(raw, HEADER.size + length)
+        if crc != zlib.crc32(raw[:HEADER.size + length]):
+            # Drop the whole frame: the peer waits for an answer, so nothing valid follows it.
+            del buf[:total]
+            return FramingError(f"CRC mismatch (frame says {crc:#010x})", raw, seq)
+        if ftype not in FrameType.__members__.values() or flags:
+            del buf[:total]
+            return FramingError(f"unknown type {ftype:#04x} or flags {flags:#04x}", raw, seq)
+        del buf[:total]
+        return Frame(FrameType(ftype), seq, raw[HEADER.size:HEADER.size + length])
+
+
+# --- payloads ---------------------------------------------------------------------------------
+
+
+def _unpack(fmt: struct.Struct, frame: Frame, name: str) -> tuple[int, ...]:
+    if len(frame.payload) < fmt.size:
+        raise ProtocolError(f"{name} payload is {len(frame.payload)} bytes, expected {fmt.size}",
+                            received=frame)
+    return fmt.unpack_from(frame.payload)
+
+
+@dataclass(frozen=True)
+class Hello:
+    FMT = struct.Struct("<4I")
+    proto_version: int
+    nr_cpus: int
+    boot_apic_id: int
+
+    def frame(self, seq: int) -> Frame:
+        return Frame(FrameType.HELLO, seq, self.FMT.pack(self.proto_version, self.nr_cpus, self.boot_apic_id, 0))
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "Hello":
+        version, cpus, apic, _ = _unpack(cls.FMT, frame, "HELLO")
+        return cls(version, cpus, apic)
+
+
+@dataclass(frozen=True)
+class HelloAckPayload:
+    FMT = struct.Struct("<4I")
+    module_present: bool
+    nr_mktme_keyids: int
+    nr_tdx_keyids: int
+
+    def frame(self, seq: int) -> Frame:
+        return Frame(FrameType.HELLO_ACK, seq, self.FMT.pack(PROTO_VERSION, int(self.module_present),
+                                                             self.nr_mktme_keyids, self.nr_tdx_keyids))
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "HelloAckPayload":
+        _, flags, mktme, tdx = _unpack(cls.FMT, frame, "HELLO_ACK")
+        return cls(bool(flags & 1), mktme, tdx)
+
+
+@dataclass(frozen=True)
+class CallPayload:
+    FMT = struct.Struct(f"<IB3xQ{NR_REGS}Q")
+    apic_id: int
+    variant: int
+    fn: int
+    regs: tuple[int, ...]
+
+    def frame(self, seq: int) -> Frame:
+        return Frame(FrameType.CALL, seq, self.FMT.pack(self.apic_id, self.variant, self.fn, *self.regs))
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "CallPayload":
+        apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL")
+        if variant > 2:
+            raise ProtocolError(f"CALL variant {variant} is not 0, 1 or 2", received=frame)
+        return cls(apic, variant, fn, tuple(regs))
+
+
+@dataclass(frozen=True)
+class ReturnPayload:
+    FMT = struct.Struct(f"<Q{NR_REGS}Q")
+    status: int
+    regs: tuple[int, ...]
+
+    def frame(self, seq: int) -> Frame:
+        return Frame(FrameType.RETURN, seq, self.FMT.pack(self.status, *self.regs))
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "ReturnPayload":
+        status, *regs = _unpack(cls.FMT, frame, "RETURN")
+        return cls(status, tuple(regs))
+
+
+@dataclass(frozen=True)
+class MemRequest:
+    """MEM_READ (no data) or MEM_WRITE (with data) from the host."""
+
+    FMT = struct.Struct("<QII")
+    pa: int
+    length: int
+    data: bytes = b""
+
+    def frame(self, seq: int) -> Frame:
+        ftype = FrameType.MEM_WRITE if self.data else FrameType.MEM_READ
+        return Frame(ftype, seq, self.FMT.pack(self.pa, self.length, 0) + self.data)
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "MemRequest":
+        pa, length, _ = _unpack(cls.FMT, frame, frame.type.name)
+        data = frame.payload[cls.FMT.size:]
+        if not 0 < length <= MAX_MEM_CHUNK or (frame.type is FrameType.MEM_WRITE and len(data) != length):
+            raise ProtocolError(f"{frame.type.name} of {length} bytes with {len(data)} data bytes", received=frame)
+        return cls(pa, length, data)
+
+
+@dataclass(frozen=True)
+class MemReply:
+    """MEM_DATA (with data when status is 0) or MEM_ACK from the guest."""
+
+    FMT = struct.Struct("<QII")
+    pa: int
+    length: int
+    status: int
+    data: bytes = b""
+
+    def frame(self, seq: int, ftype: FrameType) -> Frame:
+        return Frame(ftype, seq, self.FMT.pack(self.pa, self.length, self.status) + self.data)
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "MemReply":
+        pa, length, status = _unpack(cls.FMT, frame, frame.type.name)
+        return cls(pa, length, status, frame.payload[cls.FMT.size:])
+
+
+@dataclass(frozen=True)
+class ErrorPayload:
+    code: ErrorCode
+    text: str
+
+    def frame(self, seq: int) -> Frame:
+        data = self.text.encode()[:MAX_PAYLOAD - 4]
+        return Frame(FrameType.ERROR, seq, struct.pack("<I", self.code) + data)
+
+    @classmethod
+    def parse(cls, frame: Frame) -> "ErrorPayload":
+        (code,) = struct.unpack_from("<I", frame.payload) if len(frame.payload) >= 4 else (ErrorCode.PROTOCOL,)
+        try:
+            kind = ErrorCode(code)
+        except ValueError:
+            kind = ErrorCode.PROTOCOL
+        return cls(kind, frame.payload[4:].decode(errors="replace"))
