@@ -63,7 +63,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdxh", description="Test harness for the Linux TDX host code.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
 
     p = sub.add_parser("pamt-model", help="TDMRs and PAMT size Linux computes for an e820 map")
     p.add_argument("--e820", required=True, help="file with the kernel's BIOS-e820 lines ('-' for stdin)")

@@ -1,9 +1,145 @@
-"""Subcommands that fetch, build and boot (setup, build, boot)."""
+"""Subcommands that fetch, build and boot: setup, build, boot."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from harness import paths
+from harness.kernel.build import BuildError
+from harness.kernel.inspect import KernelImageError
+from harness.kernel.source import SourceError
+from harness.launch import Images, prepare_images, start_machine
+from harness.machine.base import MachineError
+from harness.machine.console import ConsoleError
+from harness.machine.qemu import QemuConfig, parse_size
+from harness.run import CommandError, run
+from harness.seam.faults import FaultPlan
+from harness.seam.platform import PlatformConfig
+
+log = logging.getLogger("harness")
+
+# Host packages (Debian 12): emulator, initramfs contents, kernel build tools.
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kexec-tools", "cpio", "ccache", "build-essential", "flex",
+                 "bison", "bc", "libelf-dev", "libssl-dev", "rsync", "xz-utils", "debian-archive-keyring")
+SETUP_ERRORS = (BuildError, CommandError, KernelImageError, SourceError, ValueError, OSError)
+
+
+def add_kernel_opts(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--kernel", type=Path, help="boot this prebuilt bzImage (checked for the shim first)")
+    group.add_argument("--kernel-tree", type=Path, help="build this kernel tree instead of Debian's linux-source")
+    parser.add_argument("--cache", type=Path, default=None, help=f"cache directory (default {paths.cache_dir()})")
+
+
+def add_machine_opts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", default="2G", help="guest RAM (default 2G)")
+    parser.add_argument("--smp", type=int, default=2, help="logical CPUs (default 2)")
+    parser.add_argument("--sockets", type=int, default=1, help="packages the CPUs are split over (default 1)")
+    parser.add_argument("--numa", default="", metavar="SIZE,SIZE,...", help="NUMA node sizes, e.g. 1G,3G")
+    parser.add_argument("--cpu", default="max", help="QEMU CPU model (default max, Intel vendor)")
+    parser.add_argument("--append", default="", help="extra kernel command line")
+    parser.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+
+
+def machine_config(args: argparse.Namespace) -> QemuConfig:
+    numa = tuple(s for s in args.numa.split(",") if s)
+    for size in (args.memory, *numa):
+        parse_size(size)
+    return QemuConfig(memory=args.memory, cpus=args.smp, sockets=args.sockets, numa=numa, cpu_model=args.cpu,
+                      qemu=args.qemu)
+
+
+def images_from(args: argparse.Namespace) -> Images:
+    return prepare_images(args.cache or paths.cache_dir(), kernel=args.kernel, kernel_tree=args.kernel_tree)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    missing = [pkg for pkg in HOST_PACKAGES if not _installed(pkg)]
+    if missing:
+        log.info("installing host packages: %s", " ".join(missing))
+        run(["apt-get", "update", "-q"], timeout=900)
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=1800,
+            env={"DEBIAN_FRONTEND": "noninteractive"})
+    return cmd_build(args)
+
+
+def _installed(package: str) -> bool:
+    try:
+        out = run(["dpkg-query", "-W", "-f=${Status}", package], timeout=60)
+    except CommandError:
+        return False
+    return "install ok installed" in out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        images = images_from(args)
+    except SETUP_ERRORS as err:
+        print(f"tdxh {args.subcommand}: {err}", file=sys.stderr)
+        return 1
+    print(f"kernel:    {images.kernel}\ninitramfs: {images.initrd}\nidentity:  {images.identity}")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    try:
+        images = images_from(args)
+        config = machine_config(args)
+        faults = FaultPlan.load(args.faults) if args.faults else FaultPlan()
+    except SETUP_ERRORS as err:
+        print(f"tdxh boot: {err}", file=sys.stderr)
+        return 1
+    run_dir = args.run_dir or Path(paths.cache_dir()) / "runs" / time.strftime("boot-%Y%m%d-%H%M%S")
+    platform = PlatformConfig(module_present=not args.no_module)
+    log.info("run directory: %s", run_dir)
+    machine = None
+    try:
+        machine = start_machine(images, config, run_dir, platform=platform, faults=faults, append=args.append)
+        log.info("booting (console log: %s)", machine.console_log)
+        release = machine.wait_ready(args.timeout)
+        log.info("guest %s is up", release)
+        if args.command is None:
+            print("no --command given: use `tdxh boot --command CMD` (interactive shell not yet supported)",
+                  file=sys.stderr)
+            status = 2
+        else:
+            result = machine.run(args.command, args.timeout)
+            sys.stdout.write(result.output)
+            status = result.status
+        machine.power_off(60)
+    except (MachineError, ConsoleError) as err:
+        print(f"tdxh boot: {err}", file=sys.stderr)
+        status = 1
+    finally:
+        if machine is not None:
+            machine.stop()
+    if args.trace:
+        shutil.copy(run_dir / "seamcalls.jsonl", args.trace)
+    log.info("SEAMCALL trace: %s", args.trace or run_dir / "seamcalls.jsonl")
+    return status
 
 
 def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Registered by harness.cli; filled as the build and machine layers land."""
+    p = sub.add_parser("setup", help="install host packages, fetch and build the kernel and initramfs")
+    add_kernel_opts(p)
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("build", help="build the kernel (with the shim) and the initramfs")
+    add_kernel_opts(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("boot", help="boot with the software module attached and run a command")
+    add_kernel_opts(p)
+    add_machine_opts(p)
+    p.add_argument("--command", help="command to run in the guest; its status is tdxh's")
+    p.add_argument("--trace", type=Path, help="write the SEAMCALL trace (JSON lines) here")
+    p.add_argument("--faults", type=Path, help="fault plan (JSON) to load into the module")
+    p.add_argument("--no-module", action="store_true", help="platform with TDX KeyIDs but no module loaded")
+    p.add_argument("--run-dir", type=Path, help="where logs go (default under the cache)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for boot and for the command")
+    p.set_defaults(func=cmd_boot)

@@ -62,6 +62,11 @@ class Trace:
             self.sink.write(record.to_json() + "\n")
             self.sink.flush()
 
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
     def of_leaf(self, leaf: abi.Leaf) -> list[TraceRecord]:
         return [r for r in self.records if r.number == leaf and not r.fn & abi.P_SEAMLDR_LEAF_BIT]
 

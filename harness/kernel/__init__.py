@@ -1,0 +1,1 @@
+"""Getting a kernel to boot: fetch the source, apply the shim, configure, build, inspect."""

@@ -1,0 +1,213 @@
+"""Build the kernel the scenarios boot: shim patches applied, config merged from the fragments
+in images/kernel/config on top of tinyconfig, compiled with ccache into a directory keyed by
+source + patches + config. A Debian source never changes, so a finished key is never rebuilt;
+a developer's tree is rebuilt incrementally (make decides)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import paths
+from harness.kernel.source import KernelSource
+from harness.run import CommandError, run
+
+log = logging.getLogger("harness.kernel")
+
+SHIM_OPTION = "CONFIG_INTEL_TDX_HOST_SW_MODULE"
+# Build outputs a developer's in-tree build leaves behind: `make O=` refuses a source tree
+# that has them, and they are not source anyway.
+RSYNC_EXCLUDES = (".git", ".config", ".config.old", "include/config/", "include/generated/",
+                  "arch/*/include/generated/", "*.o", "*.ko", "*.cmd", "*.a", "vmlinux*", ".tmp_*",
+                  "modules.order", "Module.symvers", "System.map")
+
+
+class BuildError(Exception):
+    """A build step failed; the message names the step and where its log is."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    source: KernelSource
+    cache: Path
+    patches: Path = paths.PATCHES
+    fragments: Path = paths.CONFIG_FRAGMENTS
+    jobs: int = os.cpu_count() or 2
+    ccache: bool = True
+    timeout: float = 3 * 3600
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bzimage: Path
+    vmlinux: Path
+    modules: Path  # INSTALL_MOD_PATH: holds lib/modules/<release>
+    config: Path
+    key: str
+    built: bool  # False when the cached build was reused as is
+    seconds: float
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:16]
+
+
+def patch_series(patches: Path) -> list[Path]:
+    series = patches / "series"
+    if not series.exists():
+        raise BuildError(f"{series} is missing")
+    names = [line.strip() for line in series.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [patches / name for name in names]
+
+
+def fragments(directory: Path) -> list[Path]:
+    found = sorted(directory.glob("*.config"))
+    if not found:
+        raise BuildError(f"no *.config fragments in {directory}")
+    return found
+
+
+def keys(request: BuildRequest) -> tuple[str, str]:
+    """(tree key, build key): the patched tree depends on source + patches; the build on both
+    plus the config fragments."""
+    patch_bytes = [p.read_bytes() for p in patch_series(request.patches)]
+    tree_key = _digest(request.source.identity.encode(), *patch_bytes)
+    build_key = _digest(tree_key.encode(), *(f.read_bytes() for f in fragments(request.fragments)))
+    return tree_key, build_key
+
+
+def has_shim(tree: Path) -> bool:
+    return SHIM_OPTION.removeprefix("CONFIG_") in (tree / "arch" / "x86" / "Kconfig").read_text()
+
+
+def prepare_tree(request: BuildRequest, tree_key: str) -> Path:
+    """A patched copy of the source: hard links for an immutable source (patch replaces the
+    files it changes), rsync for a developer's tree (only changed files are copied)."""
+    tree = request.cache / "trees" / tree_key
+    marker = tree / ".tdxh-patched"
+    if marker.exists() and not request.source.mutable:
+        return tree
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    if request.source.mutable:
+        excludes = [f"--exclude={pattern}" for pattern in RSYNC_EXCLUDES]
+        run(["rsync", "-a", "--delete", *excludes, f"{request.source.path}/", f"{tree}/"], timeout=1800)
+    else:
+        if tree.exists():
+            shutil.rmtree(tree)
+        run(["cp", "-al", str(request.source.path), str(tree)], timeout=1800)
+    if has_shim(tree):
+        log.info("%s already carries %s: not patching", request.source.path, SHIM_OPTION)
+    else:
+        for patch in patch_series(request.patches):
+            try:
+                run(["patch", "-p1", "--fuzz=0", "--forward", "-i", str(patch)], cwd=tree, timeout=120)
+            except CommandError as err:
+                raise BuildError(f"{patch.name} does not apply to {request.source.identity}:\n{err}") from err
+    marker.touch()
+    return tree
+
+
+def configure(tree: Path, out: Path, request: BuildRequest) -> Path:
+    """tinyconfig + fragments + olddefconfig, then check every requested option survived
+    (Kconfig silently drops options whose dependencies are unmet)."""
+    config = out / ".config"
+    if config.exists():
+        return config
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "config.log"
+    frags = fragments(request.fragments)
+    run(["make", f"O={out}", "tinyconfig"], cwd=tree, timeout=600, log_path=log_path)
+    run(["scripts/kconfig/merge_config.sh", "-m", "-O", str(out), str(config), *map(str, frags)],
+        cwd=tree, timeout=600, log_path=log_path)
+    run(["make", f"O={out}", "olddefconfig"], cwd=tree, timeout=600, log_path=log_path)
+    missing = config_mismatches(frags, config.read_text())
+    if missing:
+        config.rename(out / ".config.rejected")
+        raise BuildError("the kernel config lacks options the scenarios need, probably due to unmet "
+                         "dependencies: " + ", ".join(missing))
+    return config
+
+
+_OPTION = re.compile(r"^(CONFIG_\w+)=(.*)$|^# (CONFIG_\w+) is not set$")
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """Kconfig text -> {option: value}, with "n" for `is not set`."""
+    values = {}
+    for line in text.splitlines():
+        match = _OPTION.match(line.strip())
+        if match:
+            if match[1]:
+                values[match[1]] = match[2]
+            else:
+                values[match[3]] = "n"
+    return values
+
+
+def config_mismatches(frags: list[Path], config_text: str) -> list[str]:
+    have = parse_config(config_text)
+    wrong = []
+    for frag in frags:
+        for option, want in parse_config(frag.read_text()).items():
+            got = have.get(option, "n")
+            if got != want:
+                wrong.append(f"{option}={want} (got {got}, from {frag.name})")
+    return wrong
+
+
+class _Progress:
+    """Logs a line every ``every`` seconds with how many objects have been compiled."""
+
+    def __init__(self, every: float = 20.0) -> None:
+        self.every, self.count, self.start = every, 0, time.monotonic()
+        self.last = self.start
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(("  CC ", "  AS ", "  LD ")):
+            self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("building: %d objects so far (%.0f s; a cold build is about 1,300 objects)",
+                     self.count, now - self.start)
+
+
+def build(request: BuildRequest) -> BuildResult:
+    start = time.monotonic()
+    tree_key, build_key = keys(request)
+    out = request.cache / "build" / build_key
+    done = out / ".tdxh-built"
+    result = BuildResult(out / "arch/x86/boot/bzImage", out / "vmlinux", out / "modinst", out / ".config",
+                         build_key, built=False, seconds=0.0)
+    if done.exists() and not request.source.mutable:
+        log.info("kernel %s is built (%s): nothing to do", build_key, out)
+        return result
+    tree = prepare_tree(request, tree_key)
+    configure(tree, out, request)
+    make = ["make", f"O={out}", f"-j{request.jobs}"]
+    if request.ccache and shutil.which("ccache"):
+        make.append("CC=ccache gcc")
+    log_path = out / "build.log"
+    log.info("building the kernel in %s (log: %s)", out, log_path)
+    try:
+        run([*make, "bzImage", "modules"], cwd=tree, timeout=request.timeout, log_path=log_path,
+            on_line=_Progress())
+        if result.modules.exists():
+            shutil.rmtree(result.modules)
+        run([*make, f"INSTALL_MOD_PATH={result.modules}", "INSTALL_MOD_STRIP=1", "modules_install"], cwd=tree,
+            timeout=600, log_path=log_path)
+    except CommandError as err:
+        raise BuildError(f"kernel build failed:\n{err}") from err
+    done.touch()
+    seconds = time.monotonic() - start
+    log.info("kernel built in %.0f s: %s", seconds, result.bzimage)
+    return BuildResult(result.bzimage, result.vmlinux, result.modules, result.config, build_key, True, seconds)

@@ -1,0 +1,69 @@
+"""Assembling a boot: the images (kernel, initramfs), the platform the module presents (derived
+from the machine config so CPUs and CMRs match what the emulator builds), the module, and a
+started machine. Used by the CLI and by the pytest fixtures alike."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.images.initramfs import InitramfsRequest, build_initramfs
+from harness.kernel.build import BuildRequest, build
+from harness.kernel.inspect import check_kernel
+from harness.kernel.source import debian_source, user_tree
+from harness.machine.base import Boot
+from harness.machine.qemu import QemuConfig, QemuMachine
+from harness.seam.faults import FaultPlan
+from harness.seam.module import TdxModule
+from harness.seam.platform import PlatformConfig, cmrs_for_ram, qemu_topology
+from harness.seam.trace import Trace
+
+log = logging.getLogger("harness.launch")
+
+
+@dataclass(frozen=True)
+class Images:
+    kernel: Path
+    initrd: Path
+    modules: Path | None
+    identity: str  # kernel build key or the image path, for reports
+
+
+def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | None = None) -> Images:
+    """A prebuilt ``kernel`` (checked first), a developer's ``kernel_tree``, or Debian's source."""
+    if kernel is not None and kernel_tree is not None:
+        raise ValueError("give --kernel or --kernel-tree, not both")
+    if kernel is not None:
+        check_kernel(kernel)
+        modules = None
+        initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs"))
+        return Images(kernel, initrd, modules, str(kernel))
+    source = user_tree(kernel_tree) if kernel_tree is not None else debian_source(cache)
+    result = build(BuildRequest(source=source, cache=cache))
+    check_kernel(result.bzimage)
+    initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=result.modules))
+    return Images(result.bzimage, initrd, result.modules, f"{source.identity} build {result.key}")
+
+
+def platform_for(config: QemuConfig, base: PlatformConfig | None = None) -> PlatformConfig:
+    """The module's platform for this machine: its CPUs (APIC ids as QEMU numbers them) and its
+    RAM as convertible memory."""
+    base = base or PlatformConfig()
+    return base.replace(cpus=qemu_topology(config.sockets, config.cores_per_socket),
+                        cmrs=cmrs_for_ram(config.ram_ranges()))
+
+
+def start_machine(images: Images, config: QemuConfig, run_dir: Path, platform: PlatformConfig | None = None,
+                  faults: FaultPlan | None = None, append: str = "", serve_module: bool = True) -> QemuMachine:
+    """A started machine whose COM2 is served by a fresh module (unless ``serve_module`` is
+    False: then nothing answers the shim); the trace goes to run_dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trace_file = open(run_dir / "seamcalls.jsonl", "w")
+    module = TdxModule(platform_for(config, platform), faults or FaultPlan(), Trace(sink=trace_file))
+    (run_dir / "faults.json").write_text(module.faults.to_json())
+    machine = QemuMachine(config, Boot(images.kernel, images.initrd, append), module, run_dir,
+                          serve_module=serve_module)
+    machine.start()
+    return machine
+

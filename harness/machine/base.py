@@ -1,0 +1,79 @@
+"""What every machine backend offers (QEMU, Bochs, SSH): the Machine interface, its run state,
+its errors. Code above this layer never asks which backend it has."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.machine.console import CommandResult
+
+
+class MachineError(Exception):
+    """Root of the machine layer's errors."""
+
+
+class LaunchError(MachineError):
+    """The emulator did not come up: exit code, the exact command line and its output tail."""
+
+    def __init__(self, reason: str, command: str, exitcode: int | None, output: str) -> None:
+        super().__init__(f"{reason}\n  command: {command}\n  exit code: {exitcode}\n  output:\n{output}")
+        self.command, self.exitcode, self.output = command, exitcode, output
+
+
+class MachineBroken(MachineError):
+    """An earlier failure left the machine unusable; later calls say so and what it was."""
+
+
+class RunState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What to boot: kernel, initramfs and command line."""
+
+    kernel: Path
+    initrd: Path
+    append: str = ""
+
+
+class Machine(abc.ABC):
+    """A booted guest with the software module attached; a context manager that always stops
+    its emulator."""
+
+    state: RunState
+    run_dir: Path
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> str:
+        """Wait for the initramfs readiness marker; returns the guest's kernel release."""
+
+    @abc.abstractmethod
+    def run(self, cmd: str, timeout: float) -> CommandResult: ...
+
+    @abc.abstractmethod
+    def console_lines(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def power_off(self, timeout: float) -> int | None:
+        """Power the guest off; returns the emulator's exit code."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop the emulator whatever its state (idempotent)."""
+
+    def __enter__(self) -> "Machine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,281 @@
+"""The QEMU backend: a typed machine config turned into a command line, and the process
+lifecycle around it (sockets listening first, QEMU in its own process group that dies with the
+harness, soft then hard stop).
+
+QEMU comes from Debian bookworm (7.2): installable on a fresh Debian 12 with plain apt, and it
+emulates everything the TDX host code needs under TCG (q35, ACPI S3, NUMA, two 16550s, QMP,
+MCE injection). Newer QEMU (bookworm-backports 10.0) works too: pass ``--qemu PATH``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.deadline import Deadline
+from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
+from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
+from harness.seam.module import TdxModule
+from harness.transport.server import SeamServer
+
+log = logging.getLogger("harness.machine.qemu")
+
+CONNECT_TIMEOUT = 30.0
+# The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
+# module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
+# that TCG lacks (the shim falls back to plain stores), and end the machine on panic.
+BASE_APPEND = "console=ttyS0 8250.nr_uarts=1 nohibernate setcpuid=movdir64b panic=-1 printk.time=1"
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    memory: str = "2G"
+    cpus: int = 2
+    sockets: int = 1
+    numa: tuple[str, ...] = ()  # per-node memory sizes, e.g. ("1G", "3G")
+    cpu_model: str = "max"
+    cpu_family_model: tuple[int, int] | None = None  # e.g. (6, 0x8F) for the partial-write erratum
+    machine: str = "q35"
+    accel: str = "tcg"
+    qemu: str = "qemu-system-x86_64"
+    extra_append: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1 or self.sockets < 1 or self.cpus % self.sockets:
+            raise ValueError(f"{self.cpus} CPUs cannot be split evenly over {self.sockets} sockets")
+        if self.numa and len(self.numa) > self.cpus:
+            raise ValueError(f"{len(self.numa)} NUMA nodes need at least as many CPUs (have {self.cpus})")
+
+    @property
+    def cores_per_socket(self) -> int:
+        return self.cpus // self.sockets
+
+    def cpu_arg(self) -> str:
+        # Intel vendor: TDX detection and MCE decoding take Intel-only paths (TCG's "max" is
+        # otherwise AMD-flavoured on AMD hosts); ss = self-snoop, which tdx_enable() requires.
+        parts = [self.cpu_model, "vendor=GenuineIntel", "+ss"]
+        if self.cpu_family_model:
+            parts += [f"family={self.cpu_family_model[0]}", f"model={self.cpu_family_model[1]}"]
+        return ",".join(parts)
+
+    def numa_args(self) -> list[str]:
+        """One RAM backend and node per entry of ``numa``; CPUs spread evenly, the last node
+        taking the remainder."""
+        args: list[str] = []
+        per_node = self.cpus // len(self.numa) if self.numa else 0
+        for node, size in enumerate(self.numa):
+            first = node * per_node
+            last = self.cpus - 1 if node == len(self.numa) - 1 else first + per_node - 1
+            args += ["-object", f"memory-backend-ram,id=ram{node},size={size}",
+                     "-numa", f"node,nodeid={node},memdev=ram{node},cpus={first}-{last}"]
+        return args
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest RAM as (base, size), as QEMU lays it out: q35 keeps 2 GiB below 4 GiB when RAM
+        is 2.75 GiB or more (else up to 2.75 GiB), pc keeps 3 GiB (if RAM >= 3.5 GiB), the rest
+        goes above 4 GiB."""
+        total = sum(parse_size(size) for size in self.numa) if self.numa else parse_size(self.memory)
+        if self.machine.startswith("q35"):
+            lowmem = 0x80000000 if total >= 0xB0000000 else 0xB0000000
+        else:
+            lowmem = 0xC0000000 if total >= 0xE0000000 else 0xE0000000
+        below = min(total, lowmem)
+        return [(0, below)] + ([(1 << 32, total - below)] if total > below else [])
+
+    def memory_arg(self) -> str:
+        """-m: with NUMA nodes it must equal the sum of the nodes."""
+        if not self.numa:
+            return self.memory
+        return f"{sum(parse_size(size) for size in self.numa) >> 20}M"
+
+
+def parse_size(text: str) -> int:
+    """QEMU-style size: 512M, 2G, 4096 (bytes)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+
+
+def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: Path | None,
+                 qmp_sock: Path) -> list[str]:
+    """The QEMU command line. ``seam_sock`` None leaves COM2 unconnected: no module answers."""
+    seam = ["-chardev", f"socket,id=seam0,path={seam_sock}", "-serial", "chardev:seam0"] if seam_sock else \
+        ["-serial", "null"]
+    append = " ".join(part for part in (BASE_APPEND, boot.append, config.extra_append) if part)
+    return [
+        config.qemu, "-machine", f"{config.machine},accel={config.accel}", "-cpu", config.cpu_arg(),
+        "-m", config.memory_arg(), "-smp", f"{config.cpus},sockets={config.sockets},cores={config.cores_per_socket},threads=1",
+        *config.numa_args(),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append,
+        # COM1: console; COM2: the software TDX module. QEMU connects to the harness's sockets.
+        "-chardev", f"socket,id=con0,path={console_sock}", "-serial", "chardev:con0",
+        *seam,
+        "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+    ]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL QEMU if the harness dies (even by SIGKILL)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class QemuMachine(Machine):
+    config: QemuConfig
+    boot: Boot
+    module: TdxModule
+    run_dir: Path
+    state: RunState = RunState.NEW
+    command: list[str] = field(default_factory=list)
+    exitcode: int | None = None
+    serve_module: bool = True
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Unix socket paths must stay short (sun_path is ~108 bytes): keep them in /tmp.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="tdxh-"))
+        self.console_log = self.run_dir / "console.log"
+        self.qemu_log = self.run_dir / "qemu.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._console: Console | None = None
+        self._seam: SeamServer | None = None
+        self._broken: BaseException | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.state is not RunState.NEW:
+            raise MachineBroken(f"machine already {self.state.value}")
+        if shutil.which(self.config.qemu) is None:
+            raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)", self.config.qemu,
+                              None, "")
+        for path, what in ((self.boot.kernel, "kernel"), (self.boot.initrd, "initramfs")):
+            if not path.is_file():
+                raise LaunchError(f"{what} {path} does not exist", "", None, "")
+        console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
+        qmp_path = self._sock_dir / "qmp"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(console_path))
+            listener.listen(1)
+            if self.serve_module:
+                self._seam = SeamServer(self.module, seam_path).start()
+            self.command = qemu_command(self.config, self.boot, console_path,
+                                        seam_path if self.serve_module else None, qmp_path)
+            (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
+            log.info("$ %s", shlex.join(self.command))
+            with open(self.qemu_log, "wb") as out:
+                self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True,
+                                              preexec_fn=_die_with_parent)
+            self.state = RunState.RUNNING
+            sock = self._accept(listener, Deadline.after(CONNECT_TIMEOUT))
+            self._console = Console(sock, self.console_log)
+        except BaseException as err:
+            self._broken = err
+            self.stop()
+            raise
+        finally:
+            listener.close()
+
+    def _accept(self, listener: socket.socket, deadline: Deadline) -> socket.socket:
+        listener.settimeout(0.2)
+        while not deadline.expired():
+            try:
+                sock, _ = listener.accept()
+                sock.setblocking(True)
+                return sock
+            except TimeoutError:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise LaunchError("QEMU exited before connecting its console", shlex.join(self.command),
+                                      self._proc.returncode, self._qemu_output())
+        raise LaunchError(f"QEMU did not connect its console within {deadline.seconds:.0f}s",
+                          shlex.join(self.command), None, self._qemu_output())
+
+    def _qemu_output(self) -> str:
+        try:
+            return self.qemu_log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def _require_running(self) -> Console:
+        if self._broken is not None:
+            raise MachineBroken(f"machine is broken: {self._broken}") from self._broken
+        if self.state is not RunState.RUNNING or self._console is None:
+            raise MachineBroken(f"machine is {self.state.value}, not running")
+        return self._console
+
+    def wait_ready(self, timeout: float) -> str:
+        console = self._require_running()
+        try:
+            return console.wait_ready(Deadline.after(timeout))
+        except ConsoleError as err:
+            self._broken = err
+            raise
+
+    def run(self, cmd: str, timeout: float) -> CommandResult:
+        return self._require_running().run(cmd, timeout)
+
+    def console_lines(self) -> list[str]:
+        return self._console.lines() if self._console else []
+
+    def power_off(self, timeout: float = 30.0) -> int | None:
+        """``poweroff -f`` in the guest; falls back to killing QEMU after ``timeout``."""
+        console = self._require_running()
+        try:
+            console.run("poweroff -f", timeout)
+        except ConsoleClosed:
+            pass  # expected: QEMU exits and closes the console mid-command
+        except ConsoleTimeout:
+            log.warning("guest did not power off within %.0fs", timeout)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        assert self._proc is not None
+        try:
+            self.exitcode = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("QEMU did not exit within %.0fs: killing it", timeout)
+            self.stop()
+        self.stop()
+        return self.exitcode
+
+    def stop(self) -> None:
+        if self._console is not None:
+            self._console.close()  # close readers before waiting for QEMU (it may block on them)
+        if self._seam is not None:
+            self._seam.stop()
+            self._seam = None
+        self.module.trace.close()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if proc is not None:
+            self.exitcode = proc.returncode
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+        if self.state is RunState.RUNNING:
+            self.state = RunState.BROKEN if self._broken else RunState.STOPPED

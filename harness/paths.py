@@ -1,0 +1,17 @@
+"""Where the harness keeps what it downloads and builds, and where the repository's images are."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "images"
+PATCHES = IMAGES / "kernel" / "patches"
+CONFIG_FRAGMENTS = IMAGES / "kernel" / "config"
+INITRAMFS_INIT = IMAGES / "initramfs" / "init"
+
+
+def cache_dir() -> Path:
+    """``$TDXH_CACHE`` or ``~/.cache/tdx-harness``."""
+    return Path(os.environ.get("TDXH_CACHE", Path.home() / ".cache" / "tdx-harness"))

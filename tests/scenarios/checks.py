@@ -1,0 +1,52 @@
+"""Checks shared by scenarios: the kernel log of a machine, and the init sequence in the trace."""
+
+from __future__ import annotations
+
+from harness.machine.qemu import QemuMachine
+from harness.observe import pamt
+from harness.observe.dmesg import Timeline
+from harness.seam import abi
+from harness.seam.abi import Leaf
+from harness.seam.trace import TraceRecord
+
+DMESG_TIMEOUT = 60.0
+
+
+def kernel_log(machine: QemuMachine) -> Timeline:
+    """The guest's whole kernel log, read with dmesg (complete even if the console dropped lines)."""
+    result = machine.run("dmesg", DMESG_TIMEOUT, strip_printk=False)
+    assert result.status == 0, f"dmesg failed with {result.status}: {result.output[-500:]}"
+    return Timeline.from_console(result.output.splitlines(), machine.console_log)
+
+
+def model_from_log(log: Timeline) -> pamt.PamtModel:
+    """The PAMT model computed from the e820 map the guest kernel printed."""
+    return pamt.model(pamt.parse_e820("\n".join(r.text for r in log.records)))
+
+
+def init_leaves(records: list[TraceRecord]) -> list[int]:
+    return [r.number for r in records if r.number in (Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_RD,
+                                                      Leaf.TDH_SYS_CONFIG, Leaf.TDH_SYS_KEY_CONFIG,
+                                                      Leaf.TDH_SYS_TDMR_INIT)]
+
+
+def assert_init_sequence(records: list[TraceRecord], apic_ids: list[int], packages: dict[int, int]) -> None:
+    """The order Linux's tdx_enable() follows: SYS.INIT, LP.INIT on every CPU, SYS.RD reads,
+    SYS.CONFIG, KEY.CONFIG once per package, then TDMR.INIT calls; all successful."""
+    seq = [r for r in records if r.number in init_leaves(records)]
+    failed = [r for r in seq if r.status]
+    assert not failed, f"init SEAMCALLs failed: {[(r.leaf, r.status_name) for r in failed]}"
+    names = [r.number for r in seq]
+    assert names[0] == Leaf.TDH_SYS_INIT, f"first call was {seq[0].leaf}"
+    lp = [r.cpu for r in seq if r.number == Leaf.TDH_SYS_LP_INIT]
+    assert sorted(lp) == sorted(apic_ids), f"LP.INIT on {lp}, expected once on each of {apic_ids}"
+    first_rd = names.index(Leaf.TDH_SYS_RD)
+    config = names.index(Leaf.TDH_SYS_CONFIG)
+    assert names.count(Leaf.TDH_SYS_CONFIG) == 1
+    key_configs = [i for i, n in enumerate(names) if n == Leaf.TDH_SYS_KEY_CONFIG]
+    tdmr_inits = [i for i, n in enumerate(names) if n == Leaf.TDH_SYS_TDMR_INIT]
+    last_lp = max(i for i, n in enumerate(names) if n == Leaf.TDH_SYS_LP_INIT)
+    assert last_lp < first_rd < config < min(key_configs) and max(key_configs) < min(tdmr_inits), \
+        f"out of order: {[abi.leaf_name(n) for n in names]}"
+    key_packages = sorted(packages[seq[i].cpu] for i in key_configs)
+    assert key_packages == sorted(set(packages.values())), f"KEY.CONFIG on packages {key_packages}"

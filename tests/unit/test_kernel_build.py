@@ -1,0 +1,90 @@
+"""Kernel build plumbing that needs no compiler: config checks, patch series, build keys, and
+the image check on synthetic images."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from harness import paths
+from harness.kernel.build import BuildRequest, config_mismatches, keys, parse_config, patch_series
+from harness.kernel.inspect import KernelImageError, check_kernel
+from harness.kernel.source import KernelSource
+
+
+def test_parse_config_reads_values_and_not_set():
+    assert parse_config("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\n# comment\n") == {
+        "CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x"'}
+
+
+def test_dropped_options_are_named(tmp_path):
+    frag = tmp_path / "f.config"
+    frag.write_text("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\n")
+    assert config_mismatches([frag], "CONFIG_A=y\nCONFIG_C=y\n") == [
+        "CONFIG_B=m (got n, from f.config)", "CONFIG_C=n (got y, from f.config)"]
+
+
+def test_repository_series_and_fragments_exist():
+    series = patch_series(paths.PATCHES)
+    assert series and all(p.exists() for p in series)
+    wanted = {}
+    for frag in paths.CONFIG_FRAGMENTS.glob("*.config"):
+        wanted.update(parse_config(frag.read_text()))
+    for option in ("CONFIG_INTEL_TDX_HOST", "CONFIG_INTEL_TDX_HOST_SW_MODULE", "CONFIG_KVM_INTEL",
+                   "CONFIG_HIBERNATION", "CONFIG_KEXEC_FILE", "CONFIG_X86_MCE_INJECT", "CONFIG_IKCONFIG"):
+        assert option in wanted
+
+
+def test_build_key_changes_with_inputs(tmp_path):
+    patches, frags = tmp_path / "patches", tmp_path / "config"
+    patches.mkdir()
+    frags.mkdir()
+    (patches / "series").write_text("a.patch\n")
+    (patches / "a.patch").write_text("one")
+    (frags / "x.config").write_text("CONFIG_A=y\n")
+    source = KernelSource(tmp_path, "debian:linux-source-7.3=1", mutable=False)
+    request = BuildRequest(source=source, cache=tmp_path, patches=patches, fragments=frags)
+    first = keys(request)
+    (frags / "x.config").write_text("CONFIG_A=m\n")
+    second = keys(request)
+    assert first[0] == second[0] and first[1] != second[1]  # config change: same tree, new build
+    (patches / "a.patch").write_text("two")
+    assert keys(request)[0] != second[0]
+
+
+def test_missing_kernel_and_non_kernel_are_refused(tmp_path):
+    with pytest.raises(KernelImageError, match="does not exist"):
+        check_kernel(tmp_path / "nope")
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\0" * 4096)
+    with pytest.raises(KernelImageError, match="neither a vmlinux"):
+        check_kernel(junk)
+
+
+def fake_vmlinux(config: str) -> bytes:
+    """A minimal x86-64 ELF header followed by an embedded config, as IKCONFIG lays it out."""
+    header = bytearray(64)
+    header[:4] = b"\x7fELF"
+    header[4], header[5], header[6] = 2, 1, 1  # 64-bit, little endian, version
+    header[16:18] = (2).to_bytes(2, "little")  # ET_EXEC
+    header[18:20] = (62).to_bytes(2, "little")  # EM_X86_64
+    header[20:24] = (1).to_bytes(4, "little")
+    header[52:54] = (64).to_bytes(2, "little")  # e_ehsize
+    return bytes(header) + b"IKCFG_ST" + gzip.compress(config.encode()) + b"IKCFG_ED"
+
+
+def test_kernel_without_the_shim_is_refused_naming_it(tmp_path: Path):
+    image = tmp_path / "vmlinux"
+    image.write_bytes(fake_vmlinux("CONFIG_INTEL_TDX_HOST=y\nCONFIG_KVM_INTEL=m\nCONFIG_BLK_DEV_INITRD=y\n"
+                                   "CONFIG_SERIAL_8250_CONSOLE=y\n"))
+    with pytest.raises(KernelImageError, match="CONFIG_INTEL_TDX_HOST_SW_MODULE=y .*shim is not applied"):
+        check_kernel(image)
+
+
+def test_kernel_with_everything_is_accepted(tmp_path: Path):
+    image = tmp_path / "vmlinux"
+    image.write_bytes(fake_vmlinux("CONFIG_INTEL_TDX_HOST=y\nCONFIG_INTEL_TDX_HOST_SW_MODULE=y\nCONFIG_KVM_INTEL=m\n"
+                                   "CONFIG_BLK_DEV_INITRD=y\nCONFIG_SERIAL_8250_CONSOLE=y\n"))
+    assert check_kernel(image).config["CONFIG_INTEL_TDX_HOST_SW_MODULE"] == "y"
