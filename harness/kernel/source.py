@@ -97,6 +97,27 @@ def debian_source(cache: Path) -> KernelSource:
                       f"pass --kernel-tree PATH to build your own tree")
 
 
+def debian_package(cache: Path, package: str) -> tuple[Path, str]:
+    """The .deb of a Debian kernel source package (downloaded once) and its version."""
+    apt = PrivateApt(cache / "apt")
+    apt.update()
+    version = apt.candidate(package)
+    if version is None:
+        raise SourceError(f"{package} is not in {', '.join(DEBIAN_SUITES)}")
+    debs = sorted((cache / "debs").glob(f"{package}_{version.replace(':', '%3a')}_*.deb"))
+    return (debs[-1] if debs else apt.download(package, version, cache / "debs")), version
+
+
+def extract_members(deb: Path, package: str, members: list[str], into: Path) -> Path:
+    """Only ``members`` (paths inside the kernel tree) of the source in ``deb``, under ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    tarball = f"./usr/src/{package}.tar.xz"
+    names = " ".join(f'"{package}/{m}"' for m in members)
+    run(["sh", "-c", f"dpkg-deb --fsys-tarfile \"$0\" | tar -xO {tarball} | tar -xJ -C \"$1\" {names}",
+         str(deb), str(into)], timeout=1200)
+    return into / package
+
+
 def _unpack(deb: Path, package: str, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)

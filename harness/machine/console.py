@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from harness.deadline import Deadline
 
@@ -46,7 +46,10 @@ READER_STOP_SECONDS = 5.0
 # A serial console ends lines with "\r\n" (the 8250 console and the tty's onlcr); programs that
 # write "\r\n" themselves come out as "\r\r\n". All of these are folded to "\n".
 _LINE_END = re.compile(r"\r+\n")
-_TRAILING_CR = re.compile(r"\r+$")
+_TRAILING_CR = re.compile(r"\r+\Z")
+
+
+_Position = tuple[int, int]  # (line index, offset in the line) in the console text
 
 
 class ConsoleSocket(Protocol):
@@ -105,12 +108,15 @@ class Console:
         self.log_path = log_path
         self._sock = sock
         # Appending: a console reopened on the same run directory keeps what came before.
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115 -- open for the console's lifetime
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held_cr = ""  # a chunk's trailing "\r"s, kept until the next chunk says if "\n" follows
         self._cond = threading.Condition()
-        self._text = ""  # everything received, line ends folded to "\n"
-        self._cursor = 0  # where the next wait starts matching
+        # Everything received, as lines ending in "\n" (folded from "\r\n"); the last element is
+        # the partial line, possibly empty. Kept by line so that appending a chunk and searching
+        # new text cost what they add, not the size of the console.
+        self._lines = [""]
+        self._cursor: _Position = (0, 0)  # where the next wait starts matching
         self._eof = False
         self._closed = False
         self._reader_error: OSError | None = None
@@ -118,7 +124,7 @@ class Console:
         self._reader = threading.Thread(target=self._drain, name="console-reader", daemon=True)
         self._reader.start()
 
-    def __enter__(self) -> Console:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -162,26 +168,33 @@ class Console:
             text = text[:held.start()]
         else:
             self._held_cr = ""
+        first, *rest = _LINE_END.sub("\n", text).split("\n")
         with self._cond:
-            self._text += _LINE_END.sub("\n", text)
+            self._lines[-1] += first
+            if rest:
+                self._lines[-1] += "\n"
+                self._lines.extend(piece + "\n" for piece in rest[:-1])
+                self._lines.append(rest[-1])
             self._eof = self._eof or final
             self._cond.notify_all()
 
     # --- waits -----------------------------------------------------------------------------
 
     def expect(self, pattern: re.Pattern[str] | str, deadline: Deadline) -> re.Match[str]:
-        """Wait until `pattern` (a regular expression; line ends are "\\n") matches text after
-        the cursor, and move the cursor past the match. A pattern may match text that is still
-        arriving: end it with "\\n" to get whole lines.
+        """Wait until `pattern` (a regular expression) matches after the cursor, and move the
+        cursor past the match. Patterns are matched one line at a time, the line with its "\\n"
+        (so a match never spans lines, and `match.string` is the line); the partial last line is
+        matched too, so a pattern can match a line that is still arriving: end it with "\\n" to
+        wait for the whole line.
 
         Raises ConsoleTimeout when `deadline` passes, ConsoleClosed on EOF or after close().
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        return self._wait(regex, deadline, f"pattern {regex.pattern!r}")
+        return self._wait(regex, deadline, f"pattern {regex.pattern!r}")[1]
 
     def wait_ready(self, deadline: Deadline) -> str:
         """Wait for the initramfs shell's readiness marker; returns the guest's `uname -r`."""
-        return self._wait(READY_PATTERN, deadline, "the readiness marker TDXH-READY").group(1)
+        return self._wait(READY_PATTERN, deadline, "the readiness marker TDXH-READY")[1].group(1)
 
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run one shell command line in the guest and wait up to `timeout` seconds for its exit
@@ -202,27 +215,35 @@ class Console:
                              f"({MAX_LINE_BYTES}): write a script file and run that")
         awaited = f"the end of command {cmd!r} (marker {token})"
         with self._cond:
-            start = self._cursor = len(self._text)
             if self._closed:
                 raise ConsoleClosed("console already closed", awaited, self._tail(), self.log_path)
+            start = self._cursor = (len(self._lines) - 1, len(self._lines[-1]))
         log.debug("console run: %s", cmd)
         try:
             self._sock.sendall(data)
         except OSError as exc:
             raise ConsoleClosed(f"sending failed ({exc})", awaited, self._tail(),
                                 self.log_path) from exc
-        end = self._wait(re.compile(re.escape(token) + r":(\d+)\n"), deadline, awaited)
+        end_line, end = self._wait(re.compile(re.escape(token) + r":(\d+)\n"), deadline, awaited)
         with self._cond:
-            raw = self._text[start:end.start()]
+            raw = self._between(start, (end_line, end.start()))
         return CommandResult(int(end.group(1)), command_output(raw, line, strip_printk))
 
-    def _wait(self, regex: re.Pattern[str], deadline: Deadline, awaited: str) -> re.Match[str]:
+    def _wait(self, regex: re.Pattern[str], deadline: Deadline,
+              awaited: str) -> tuple[int, re.Match[str]]:
+        """Wait for `regex` after the cursor; returns the line index and the match."""
         with self._cond:
+            line_no, offset = self._cursor
             while True:
-                match = regex.search(self._text, self._cursor)
-                if match:
-                    self._cursor = match.end()
-                    return match
+                # Each complete line is searched once; the partial line again each time it grows.
+                while True:
+                    match = regex.search(self._lines[line_no], offset)
+                    if match:
+                        self._cursor = (line_no, match.end())
+                        return line_no, match
+                    if line_no == len(self._lines) - 1:
+                        break
+                    line_no, offset = line_no + 1, 0
                 if self._closed:
                     raise ConsoleClosed("console closed", awaited, self._tail(), self.log_path)
                 if self._eof:
@@ -237,13 +258,21 @@ class Console:
 
     # --- inspection and teardown -----------------------------------------------------------
 
+    def _between(self, start: _Position, end: _Position) -> str:
+        (first, begin), (last, stop) = start, end
+        if first == last:
+            return self._lines[first][begin:stop]
+        return "".join([self._lines[first][begin:], *self._lines[first + 1:last],
+                        self._lines[last][:stop]])
+
     def lines(self) -> list[str]:
         """All console lines so far (kernel messages included), the last one possibly partial."""
         with self._cond:
-            return split_lines(self._text)
+            return _without_line_ends(self._lines)
 
     def _tail(self) -> list[str]:
-        return self.lines()[-TAIL_LINES:]
+        with self._cond:
+            return _without_line_ends(self._lines[-TAIL_LINES - 1:])[-TAIL_LINES:]
 
     def close(self) -> None:
         """Stop the reader, close the log and the socket. Waits in progress raise ConsoleClosed.
@@ -263,11 +292,9 @@ class Console:
         self._sock.close()
 
 
-def split_lines(text: str) -> list[str]:
-    """`text` split at "\\n" only (str.splitlines also splits at \\r, \\f, \\x1c...), without a
-    trailing empty line."""
-    lines = text.split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
+def _without_line_ends(lines: list[str]) -> list[str]:
+    # Only the partial last line can be empty: complete lines hold at least their "\n".
+    return [line.removesuffix("\n") for line in lines if line]
 
 
 def command_output(raw: str, sent_line: str, strip_printk: bool) -> str:
