@@ -1,7 +1,11 @@
 """Build the kernel the scenarios boot: shim patches applied, config merged from the fragments
-in images/kernel/config on top of tinyconfig, compiled with ccache into a directory keyed by
-source + patches + config. A Debian source never changes, so a finished key is never rebuilt;
-a developer's tree is rebuilt incrementally (make decides)."""
+in images/kernel/config on top of tinyconfig, compiled with ccache.
+
+Caching: the build is identified by a key of source + patches + config. When the finished
+build's key matches, nothing runs. Otherwise make runs incrementally: the patched tree lives in
+a directory per source and the build output in a directory per source + config, so changing a
+patch recompiles only what it touches. ccache runs with CCACHE_BASEDIR at the cache root, so a
+fresh cache directory on the same machine (CI) still hits."""
 
 from __future__ import annotations
 
@@ -76,25 +80,32 @@ def fragments(directory: Path) -> list[Path]:
     return found
 
 
-def keys(request: BuildRequest) -> tuple[str, str]:
-    """(tree key, build key): the patched tree depends on source + patches; the build on both
-    plus the config fragments."""
-    patch_bytes = [p.read_bytes() for p in patch_series(request.patches)]
-    tree_key = _digest(request.source.identity.encode(), *patch_bytes)
-    build_key = _digest(tree_key.encode(), *(f.read_bytes() for f in fragments(request.fragments)))
-    return tree_key, build_key
+@dataclass(frozen=True)
+class Keys:
+    source: str  # names the patched tree directory
+    config: str  # source + config fragments: names the build directory
+    patches: str  # source + patches: what the patched tree holds
+    build: str  # source + patches + config: what a finished build holds
+
+
+def keys(request: BuildRequest) -> Keys:
+    source = _digest(request.source.identity.encode())
+    patches = _digest(source.encode(), *(p.read_bytes() for p in patch_series(request.patches)))
+    frags = [f.read_bytes() for f in fragments(request.fragments)]
+    return Keys(source, _digest(source.encode(), *frags), patches, _digest(patches.encode(), *frags))
 
 
 def has_shim(tree: Path) -> bool:
     return SHIM_OPTION.removeprefix("CONFIG_") in (tree / "arch" / "x86" / "Kconfig").read_text()
 
 
-def prepare_tree(request: BuildRequest, tree_key: str) -> Path:
+def prepare_tree(request: BuildRequest, key: Keys) -> Path:
     """A patched copy of the source: hard links for an immutable source (patch replaces the
-    files it changes), rsync for a developer's tree (only changed files are copied)."""
-    tree = request.cache / "trees" / tree_key
+    files it changes, so the original stays intact), rsync for a developer's tree (only changed
+    files are copied). Unchanged files keep their times, so make rebuilds only what changed."""
+    tree = request.cache / "trees" / key.source
     marker = tree / ".tdxh-patched"
-    if marker.exists() and not request.source.mutable:
+    if not request.source.mutable and marker.exists() and marker.read_text() == key.patches:
         return tree
     tree.parent.mkdir(parents=True, exist_ok=True)
     if request.source.mutable:
@@ -112,13 +123,14 @@ def prepare_tree(request: BuildRequest, tree_key: str) -> Path:
                 run(["patch", "-p1", "--fuzz=0", "--forward", "-i", str(patch)], cwd=tree, timeout=120)
             except CommandError as err:
                 raise BuildError(f"{patch.name} does not apply to {request.source.identity}:\n{err}") from err
-    marker.touch()
+    marker.write_text(key.patches)
     return tree
 
 
 def configure(tree: Path, out: Path, request: BuildRequest) -> Path:
     """tinyconfig + fragments + olddefconfig, then check every requested option survived
-    (Kconfig silently drops options whose dependencies are unmet)."""
+    (Kconfig silently drops options whose dependencies are unmet). The build directory is per
+    config, so an existing .config is the right one."""
     config = out / ".config"
     if config.exists():
         return config
@@ -183,31 +195,34 @@ class _Progress:
 
 def build(request: BuildRequest) -> BuildResult:
     start = time.monotonic()
-    tree_key, build_key = keys(request)
-    out = request.cache / "build" / build_key
+    key = keys(request)
+    out = request.cache / "build" / key.config
     done = out / ".tdxh-built"
     result = BuildResult(out / "arch/x86/boot/bzImage", out / "vmlinux", out / "modinst", out / ".config",
-                         build_key, built=False, seconds=0.0)
-    if done.exists() and not request.source.mutable:
-        log.info("kernel %s is built (%s): nothing to do", build_key, out)
+                         key.build, built=False, seconds=0.0)
+    if not request.source.mutable and done.exists() and done.read_text() == key.build:
+        log.info("kernel %s is built (%s): nothing to do", key.build, out)
         return result
-    tree = prepare_tree(request, tree_key)
+    done.unlink(missing_ok=True)
+    tree = prepare_tree(request, key)
     configure(tree, out, request)
     make = ["make", f"O={out}", f"-j{request.jobs}"]
+    env = {}
     if request.ccache and shutil.which("ccache"):
         make.append("CC=ccache gcc")
+        env["CCACHE_BASEDIR"] = str(request.cache.resolve())
     log_path = out / "build.log"
     log.info("building the kernel in %s (log: %s)", out, log_path)
     try:
-        run([*make, "bzImage", "modules"], cwd=tree, timeout=request.timeout, log_path=log_path,
+        run([*make, "bzImage", "modules"], cwd=tree, timeout=request.timeout, log_path=log_path, env=env,
             on_line=_Progress())
         if result.modules.exists():
             shutil.rmtree(result.modules)
         run([*make, f"INSTALL_MOD_PATH={result.modules}", "INSTALL_MOD_STRIP=1", "modules_install"], cwd=tree,
-            timeout=600, log_path=log_path)
+            timeout=600, log_path=log_path, env=env)
     except CommandError as err:
         raise BuildError(f"kernel build failed:\n{err}") from err
-    done.touch()
+    done.write_text(key.build)
     seconds = time.monotonic() - start
     log.info("kernel built in %.0f s: %s", seconds, result.bzimage)
-    return BuildResult(result.bzimage, result.vmlinux, result.modules, result.config, build_key, True, seconds)
+    return BuildResult(result.bzimage, result.vmlinux, result.modules, result.config, key.build, True, seconds)

@@ -58,7 +58,9 @@ class Machine(abc.ABC):
         """Wait for the initramfs readiness marker; returns the guest's kernel release."""
 
     @abc.abstractmethod
-    def run(self, cmd: str, timeout: float) -> CommandResult: ...
+    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
+        """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
+        (pass False for commands that print kernel-log lines themselves, like dmesg)."""
 
     @abc.abstractmethod
     def console_lines(self) -> list[str]: ...

@@ -168,6 +168,7 @@ class QemuMachine(Machine):
         for path, what in ((self.boot.kernel, "kernel"), (self.boot.initrd, "initramfs")):
             if not path.is_file():
                 raise LaunchError(f"{what} {path} does not exist", "", None, "")
+        self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
         qmp_path = self._sock_dir / "qmp"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -230,8 +231,8 @@ class QemuMachine(Machine):
             self._broken = err
             raise
 
-    def run(self, cmd: str, timeout: float) -> CommandResult:
-        return self._require_running().run(cmd, timeout)
+    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
+        return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
 
     def console_lines(self) -> list[str]:
         return self._console.lines() if self._console else []

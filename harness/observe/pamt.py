@@ -18,7 +18,10 @@ SZ_1M = 1 << 20
 SZ_1G = 1 << 30
 PAGE_SHIFTS = (12, 21, 30)  # 4K, 2M, 1G
 
-E820_LINE = re.compile(r"(?P<src>BIOS-e820|user): \[mem (?P<start>0x[0-9a-fA-F]+)-(?P<end>0x[0-9a-fA-F]+)\] (?P<type>.+?)\s*$")
+E820_LINE = re.compile(r"(?P<src>BIOS-e820|user): \[mem (?P<start>0x[0-9a-fA-F]+)-(?P<end>0x[0-9a-fA-F]+)\]\s+(?P<type>.+?)\s*$")
+E820_ENTRY = re.compile(r"(BIOS-e820|user): \[mem ")
+# E820_TYPE_RAM as e820_print_type() names it: "System RAM" since Linux 7.x, "usable" before.
+RAM_TYPES = ("System RAM", "usable")
 
 
 class E820Error(ValueError):
@@ -61,27 +64,28 @@ class PamtModel:
 
 
 def parse_e820(text: str) -> list[tuple[int, int]]:
-    """Usable [start, end) ranges from the kernel's e820 lines. A ``user:`` map (printed when
-    ``memmap=`` or ``mem=`` changed the map) replaces the BIOS one. Other lines are ignored."""
+    """Usable [start, end) ranges from the kernel's e820 map lines. A ``user:`` map (printed when
+    ``memmap=`` or ``mem=`` changed the map) replaces the BIOS one. Other lines are ignored,
+    including the kernel's own ``e820: update``/``remove`` notes (they touch the first MiB,
+    which TDX does not cover)."""
     maps: dict[str, list[tuple[int, int]]] = {"BIOS-e820": [], "user": []}
     for line_no, line in enumerate(text.splitlines(), 1):
-        if "e820" not in line and "user:" not in line:
+        if not E820_ENTRY.search(line):  # also skips "[gap ...]" lines
             continue
         match = E820_LINE.search(line)
         if match is None:
-            if "[mem " in line:
-                raise E820Error(f"line {line_no}: cannot parse e820 entry: {line.strip()!r}")
-            continue
+            raise E820Error(f"line {line_no}: cannot parse e820 entry: {line.strip()!r}")
         start, end = int(match["start"], 16), int(match["end"], 16) + 1
         if end <= start:
             raise E820Error(f"line {line_no}: empty or reversed range: {line.strip()!r}")
-        if match["type"] == "usable":
+        if match["type"] in RAM_TYPES:
             maps[match["src"]].append((start, end))
-    ranges = maps["user"] or maps["BIOS-e820"]
+    # A console log can hold the map twice (the console replays the log buffer): dedupe.
+    ranges = sorted(set(maps["user"] or maps["BIOS-e820"]))
     if not ranges:
-        raise E820Error("no usable e820 range found (expected lines like "
-                        "'BIOS-e820: [mem 0x0000000000100000-0x000000007ffdffff] usable')")
-    return sorted(ranges)
+        raise E820Error("no RAM in the e820 map (expected lines like "
+                        "'BIOS-e820: [mem 0x0000000000100000-0x000000007ffdffff]  System RAM')")
+    return ranges
 
 
 def memblock_regions(usable: Sequence[tuple[int, int]], numa_boundaries: Sequence[int] = ()) -> list[MemRegion]:

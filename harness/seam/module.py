@@ -123,9 +123,9 @@ class TdxModule:
 
     def __init__(self, platform: PlatformConfig | None = None, faults: FaultPlan | None = None,
                  trace: Trace | None = None) -> None:
-        self.platform = platform or PlatformConfig()
-        self.faults = faults or FaultPlan()
-        self.trace = trace or Trace()
+        self.platform = PlatformConfig() if platform is None else platform
+        self.faults = FaultPlan() if faults is None else faults
+        self.trace = Trace() if trace is None else trace  # an empty Trace is falsy
         self.state = ModuleState()
         self.boots = 0
         self.anomalies: list[str] = []

@@ -49,9 +49,14 @@ def test_build_key_changes_with_inputs(tmp_path):
     first = keys(request)
     (frags / "x.config").write_text("CONFIG_A=m\n")
     second = keys(request)
-    assert first[0] == second[0] and first[1] != second[1]  # config change: same tree, new build
+    # A config change: same patched tree, another build directory and build.
+    assert (first.source, first.patches) == (second.source, second.patches)
+    assert first.config != second.config and first.build != second.build
     (patches / "a.patch").write_text("two")
-    assert keys(request)[0] != second[0]
+    third = keys(request)
+    # A patch change: the same directories, rebuilt incrementally, but another build.
+    assert (third.source, third.config) == (second.source, second.config)
+    assert third.patches != second.patches and third.build != second.build
 
 
 def test_missing_kernel_and_non_kernel_are_refused(tmp_path):

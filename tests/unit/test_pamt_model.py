@@ -66,12 +66,15 @@ def test_entry_sizes_scale_the_pamt():
     assert result.pamt_kb == (16 * M + 16 * K + 4 * K) // K
 
 
+# As Linux 7.3 prints the map: "System RAM", gap lines; older kernels said "usable".
 E820_TEXT = """\
 [    0.000000] BIOS-provided physical RAM map:
-[    0.000000] BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable
-[    0.000000] BIOS-e820: [mem 0x000000000009fc00-0x000000000009ffff] reserved
-[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000007ffdefff] usable
+[    0.000000] BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff]  System RAM
+[    0.000000] BIOS-e820: [mem 0x000000000009fc00-0x000000000009ffff]  device reserved
+[    0.000000] BIOS-e820: [gap 0x00000000000a0000-0x00000000000effff]
+[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000007ffdefff]  System RAM
 [    0.000000] BIOS-e820: [mem 0x0000000100000000-0x000000017fffffff] usable
+[    0.000000] e820: update [mem 0x00000000-0x00000fff] usable ==> reserved
 """
 
 
@@ -93,7 +96,7 @@ def test_cli_prints_model_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("nothing here\n", "no usable e820 range"),
+    ("nothing here\n", "no RAM in the e820 map"),
     ("BIOS-e820: [mem 0x100000-] usable\n", "line 1: cannot parse"),
     ("BIOS-e820: [mem 0x0000000000000000-0x00000000000fffff] usable\n", "no memory above 1 MiB"),
 ])

@@ -1,0 +1,41 @@
+"""Observers on logs stored from real runs (tests/data): no VM needed."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from harness.observe import pamt, patterns
+from harness.observe.dmesg import Timeline
+from harness.seam.abi import Leaf, Status, leaf_name
+from harness.seam.trace import read_trace
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def test_sysconfig_refused_when_lps_are_missing():
+    log = Timeline.from_console((DATA / "sysconfig-lps-missing.console.log").read_text().splitlines())
+    first_boot = Timeline([r for r in log.records if r.boot == 0])
+    found = first_boot.expect_in_order([patterns.BIOS_ENABLED, patterns.MODULE_VERSION, patterns.SEAMCALL_FAILED,
+                                        patterns.INIT_FAILED])
+    failed = patterns.SEAMCALL_FAILED.search(found[2].text)
+    assert int(failed["fn"], 16) == Leaf.TDH_SYS_CONFIG
+    assert int(failed["status"], 16) == Status.TDX_SYS_CONFIG_NOT_PENDING
+    # sc_retry_prerr() maps a module error to -EIO.
+    assert int(patterns.INIT_FAILED.search(found[3].text)["errno"]) == -errno.EIO
+    first_boot.expect_absent(patterns.PAMT_ALLOCATED)
+
+    trace = read_trace(DATA / "sysconfig-lps-missing.seamcalls.jsonl")
+    config = [r for r in trace if r.number == Leaf.TDH_SYS_CONFIG]
+    assert len(config) == 1 and config[0].status == Status.TDX_SYS_CONFIG_NOT_PENDING
+    assert config[0].note == "2 of 4 LPs initialized"
+    assert [r.leaf for r in trace if r.number == Leaf.TDH_SYS_LP_INIT] == [leaf_name(Leaf.TDH_SYS_LP_INIT)] * 2
+
+
+def test_model_from_a_real_e820_map():
+    text = (DATA / "sysconfig-lps-missing.console.log").read_text()
+    usable = pamt.parse_e820(text)
+    # QEMU q35, 2 GiB: RAM below 640K and from 1 MiB to just under 2 GiB.
+    assert usable == [(0, 0x9FC00), (0x100000, 0x7FFE0000)]
+    result = pamt.model(usable)
+    assert [(t.base, t.size) for t in result.tdmrs] == [(0, 2 << 30)]
