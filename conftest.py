@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -89,11 +89,12 @@ def boot(images: Images, artifacts: Path) -> Iterator[BootFactory]:
     machine, ready for commands unless ready=False; every machine is stopped at teardown."""
     machines: list[QemuMachine] = []
 
-    def start(config: QemuConfig = QemuConfig(), platform: PlatformConfig | None = None,
+    def start(config: QemuConfig | None = None, platform: PlatformConfig | None = None,
               faults: FaultPlan | None = None, append: str = "", ready: bool = True,
               serve_module: bool = True) -> QemuMachine:
         run_dir = artifacts / f"machine{len(machines)}"
-        machine = start_machine(images, config, run_dir, platform=platform, faults=faults, append=append,
+        machine = start_machine(images, config or QemuConfig(), run_dir, platform=platform, faults=faults,
+                                append=append,
                                 serve_module=serve_module)
         machines.append(machine)
         if ready:

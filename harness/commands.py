@@ -124,7 +124,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return status
 
 
-def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("setup", help="install host packages, fetch and build the kernel and initramfs")
     add_kernel_opts(p)
     p.set_defaults(func=cmd_setup)

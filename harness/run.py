@@ -3,14 +3,15 @@ the run with a deadline, and fail with what was run, the exit status and the out
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 log = logging.getLogger("harness.run")
 
@@ -60,8 +61,6 @@ def run(argv: Sequence[str], *, cwd: Path | None = None, timeout: float, log_pat
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()

@@ -290,10 +290,7 @@ def _write_newc(layout: _Layout, out: io.BufferedIOBase) -> None:
     """The newc ("070701") cpio format of Linux's Documentation/driver-api/early-userspace:
     sorted, so a directory precedes its contents."""
     for ino, (path, entry) in enumerate(sorted(layout.entries.items()), start=1):
-        if entry.source is not None:
-            data = entry.source.read_bytes()
-        else:
-            data = entry.link_target.encode()
+        data = entry.source.read_bytes() if entry.source is not None else entry.link_target.encode()
         _write_member(out, ino, path, entry.mode, 2 if stat.S_ISDIR(entry.mode) else 1, data,
                       entry.rdev)
     _write_member(out, 0, "TRAILER!!!", 0, 1, b"", (0, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class Machine(abc.ABC):
         """Wait for the initramfs readiness marker; returns the guest's kernel release."""
 
     @abc.abstractmethod
+    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait for ``pattern`` on the console, after what earlier waits consumed."""
+
+    @abc.abstractmethod
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
         (pass False for commands that print kernel-log lines themselves, like dmesg)."""
@@ -73,7 +78,7 @@ class Machine(abc.ABC):
     def stop(self) -> None:
         """Stop the emulator whatever its state (idempotent)."""
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         self.start()
         return self
 

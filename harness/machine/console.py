@@ -108,7 +108,7 @@ class Console:
         self.log_path = log_path
         self._sock = sock
         # Appending: a console reopened on the same run directory keeps what came before.
-        self._log = open(log_path, "ab")  # noqa: SIM115 -- open for the console's lifetime
+        self._log = open(log_path, "ab")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held_cr = ""  # a chunk's trailing "\r"s, kept until the next chunk says if "\n" follows
         self._cond = threading.Condition()

@@ -9,9 +9,9 @@ MCE injection). Newer QEMU (bookworm-backports 10.0) works too: pass ``--qemu PA
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -118,7 +118,8 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
     append = " ".join(part for part in (BASE_APPEND, boot.append, config.extra_append) if part)
     return [
         config.qemu, "-machine", f"{config.machine},accel={config.accel}", "-cpu", config.cpu_arg(),
-        "-m", config.memory_arg(), "-smp", f"{config.cpus},sockets={config.sockets},cores={config.cores_per_socket},threads=1",
+        "-m", config.memory_arg(),
+        "-smp", f"{config.cpus},sockets={config.sockets},cores={config.cores_per_socket},threads=1",
         *config.numa_args(),
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append,
@@ -129,10 +130,9 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
     ]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU if the harness dies (even by SIGKILL)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# QEMU gets SIGKILL when the harness dies, even by SIGKILL (util-linux setpriv sets the
+# parent-death signal and execs QEMU; a Python preexec_fn is unsafe with the server threads).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
 @dataclass
@@ -182,9 +182,8 @@ class QemuMachine(Machine):
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
             log.info("$ %s", shlex.join(self.command))
             with open(self.qemu_log, "wb") as out:
-                self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
-                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                              preexec_fn=_die_with_parent)
+                self._proc = subprocess.Popen(DIE_WITH_PARENT + self.command, stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True)
             self.state = RunState.RUNNING
             sock = self._accept(listener, Deadline.after(CONNECT_TIMEOUT))
             self._console = Console(sock, self.console_log)
@@ -206,7 +205,7 @@ class QemuMachine(Machine):
                 assert self._proc is not None
                 if self._proc.poll() is not None:
                     raise LaunchError("QEMU exited before connecting its console", shlex.join(self.command),
-                                      self._proc.returncode, self._qemu_output())
+                                      self._proc.returncode, self._qemu_output()) from None
         raise LaunchError(f"QEMU did not connect its console within {deadline.seconds:.0f}s",
                           shlex.join(self.command), None, self._qemu_output())
 
@@ -230,6 +229,9 @@ class QemuMachine(Machine):
         except ConsoleError as err:
             self._broken = err
             raise
+
+    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        return self._require_running().expect(pattern, Deadline.after(timeout))
 
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         return self._require_running().run(cmd, timeout, strip_printk=strip_printk)

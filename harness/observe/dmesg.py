@@ -5,9 +5,9 @@ Parsing never raises on odd input: unparsable lines are simply not kernel record
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 PRINTK = re.compile(r"^\[\s*(?P<time>\d+\.\d+)\](?:\[\s*[TC]\d+\])? ?(?P<text>.*)$")
 CONTEXT_LINES = 6
@@ -47,7 +47,7 @@ class Timeline:
     source: Path | None = None  # the console log, named in failures
 
     @classmethod
-    def from_console(cls, lines: Iterable[str], source: Path | None = None) -> "Timeline":
+    def from_console(cls, lines: Iterable[str], source: Path | None = None) -> Timeline:
         return cls(parse_console(lines), source)
 
     def find(self, pattern: re.Pattern[str], start: int = 0) -> Record | None:
@@ -56,7 +56,7 @@ class Timeline:
     def all(self, pattern: re.Pattern[str]) -> list[Record]:
         return [r for r in self.records if pattern.search(r.text)]
 
-    def since(self, mark: int) -> "Timeline":
+    def since(self, mark: int) -> Timeline:
         return Timeline(self.records[mark:], self.source)
 
     def mark(self) -> int:

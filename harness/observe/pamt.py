@@ -9,16 +9,18 @@ it (fill_out_tdmrs), and per TDMR a PAMT per page size of entries x entry size r
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 SZ_4K = 4096
 SZ_1M = 1 << 20
 SZ_1G = 1 << 30
 PAGE_SHIFTS = (12, 21, 30)  # 4K, 2M, 1G
 
-E820_LINE = re.compile(r"(?P<src>BIOS-e820|user): \[mem (?P<start>0x[0-9a-fA-F]+)-(?P<end>0x[0-9a-fA-F]+)\]\s+(?P<type>.+?)\s*$")
+E820_LINE = re.compile(r"(?P<src>BIOS-e820|user): \[mem (?P<start>0x[0-9a-fA-F]+)-(?P<end>0x[0-9a-fA-F]+)\]"
+                       r"\s+(?P<type>.+?)\s*$")
 E820_ENTRY = re.compile(r"(BIOS-e820|user): \[mem ")
 # E820_TYPE_RAM as e820_print_type() names it: "System RAM" since Linux 7.x, "usable" before.
 RAM_TYPES = ("System RAM", "usable")
@@ -90,9 +92,9 @@ def parse_e820(text: str) -> list[tuple[int, int]]:
 
 def memblock_regions(usable: Sequence[tuple[int, int]], numa_boundaries: Sequence[int] = ()) -> list[MemRegion]:
     """memblock.memory as for_each_mem_pfn_range() walks it: page-trimmed, merged, split per node."""
-    trimmed = []
-    for start, end in sorted(usable):
-        start, end = -(-start // SZ_4K) * SZ_4K, end // SZ_4K * SZ_4K
+    trimmed: list[tuple[int, int]] = []
+    for raw_start, raw_end in sorted(usable):
+        start, end = -(-raw_start // SZ_4K) * SZ_4K, raw_end // SZ_4K * SZ_4K
         if start < end:
             if trimmed and trimmed[-1][1] >= start:
                 trimmed[-1] = (trimmed[-1][0], max(trimmed[-1][1], end))
@@ -102,7 +104,7 @@ def memblock_regions(usable: Sequence[tuple[int, int]], numa_boundaries: Sequenc
     regions = []
     for start, end in trimmed:
         cuts = [start] + [b for b in boundaries if start < b < end] + [end]
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             regions.append(MemRegion(lo, hi, nid=sum(1 for b in boundaries if b <= lo)))
     return regions
 

@@ -91,7 +91,7 @@ class FaultPlan:
         return json.dumps([asdict(rule) for rule in self.rules], indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "FaultPlan":
+    def from_json(cls, text: str) -> FaultPlan:
         try:
             items = json.loads(text)
             return cls(rules=[FaultRule(**item) for item in items])
@@ -99,5 +99,5 @@ class FaultPlan:
             raise ValueError(f"bad fault plan: {err}") from err
 
     @classmethod
-    def load(cls, path: Path) -> "FaultPlan":
+    def load(cls, path: Path) -> FaultPlan:
         return cls.from_json(path.read_text())

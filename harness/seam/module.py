@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, OperandId, PageSize, PageType, Status

@@ -134,7 +134,7 @@ class PlatformConfig:
                 return cpu.package
         return None
 
-    def replace(self, **changes: object) -> "PlatformConfig":
+    def replace(self, **changes: object) -> PlatformConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -76,11 +76,13 @@ class TdmrInfo:
         return header + b"".join(_AREA.pack(a.offset, a.size) for a in self.reserved)
 
     @classmethod
-    def unpack(cls, data: bytes, max_reserved: int) -> "TdmrInfo":
-        fields = _HEADER.unpack_from(data, 0)
+    def unpack(cls, data: bytes, max_reserved: int) -> TdmrInfo:
+        base, size, pamt_1g_base, pamt_1g_size, pamt_2m_base, pamt_2m_size, pamt_4k_base, pamt_4k_size = \
+            _HEADER.unpack_from(data, 0)
         areas = tuple(ReservedArea(*_AREA.unpack_from(data, abi.TDMR_INFO_HEADER_SIZE + i * _AREA.size))
                       for i in range(max_reserved))
-        return cls(*fields, reserved=areas)
+        return cls(base, size, pamt_1g_base, pamt_1g_size, pamt_2m_base, pamt_2m_size, pamt_4k_base, pamt_4k_size,
+                   areas)
 
 
 def tdmr_info_size(max_reserved: int) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from harness.seam import abi
 
@@ -39,7 +40,7 @@ class TraceRecord:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, line: str) -> "TraceRecord":
+    def from_json(cls, line: str) -> TraceRecord:
         data = json.loads(line)
         data.pop("status_hex", None)
         return cls(**data)

@@ -132,7 +132,7 @@ class Hello:
         return Frame(FrameType.HELLO, seq, self.FMT.pack(self.proto_version, self.nr_cpus, self.boot_apic_id, 0))
 
     @classmethod
-    def parse(cls, frame: Frame) -> "Hello":
+    def parse(cls, frame: Frame) -> Hello:
         version, cpus, apic, _ = _unpack(cls.FMT, frame, "HELLO")
         return cls(version, cpus, apic)
 
@@ -149,7 +149,7 @@ class HelloAckPayload:
                                                              self.nr_mktme_keyids, self.nr_tdx_keyids))
 
     @classmethod
-    def parse(cls, frame: Frame) -> "HelloAckPayload":
+    def parse(cls, frame: Frame) -> HelloAckPayload:
         _, flags, mktme, tdx = _unpack(cls.FMT, frame, "HELLO_ACK")
         return cls(bool(flags & 1), mktme, tdx)
 
@@ -166,7 +166,7 @@ class CallPayload:
         return Frame(FrameType.CALL, seq, self.FMT.pack(self.apic_id, self.variant, self.fn, *self.regs))
 
     @classmethod
-    def parse(cls, frame: Frame) -> "CallPayload":
+    def parse(cls, frame: Frame) -> CallPayload:
         apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL")
         if variant > 2:
             raise ProtocolError(f"CALL variant {variant} is not 0, 1 or 2", received=frame)
@@ -183,7 +183,7 @@ class ReturnPayload:
         return Frame(FrameType.RETURN, seq, self.FMT.pack(self.status, *self.regs))
 
     @classmethod
-    def parse(cls, frame: Frame) -> "ReturnPayload":
+    def parse(cls, frame: Frame) -> ReturnPayload:
         status, *regs = _unpack(cls.FMT, frame, "RETURN")
         return cls(status, tuple(regs))
 
@@ -202,7 +202,7 @@ class MemRequest:
         return Frame(ftype, seq, self.FMT.pack(self.pa, self.length, 0) + self.data)
 
     @classmethod
-    def parse(cls, frame: Frame) -> "MemRequest":
+    def parse(cls, frame: Frame) -> MemRequest:
         pa, length, _ = _unpack(cls.FMT, frame, frame.type.name)
         data = frame.payload[cls.FMT.size:]
         if not 0 < length <= MAX_MEM_CHUNK or (frame.type is FrameType.MEM_WRITE and len(data) != length):
@@ -224,7 +224,7 @@ class MemReply:
         return Frame(ftype, seq, self.FMT.pack(self.pa, self.length, self.status) + self.data)
 
     @classmethod
-    def parse(cls, frame: Frame) -> "MemReply":
+    def parse(cls, frame: Frame) -> MemReply:
         pa, length, status = _unpack(cls.FMT, frame, frame.type.name)
         return cls(pa, length, status, frame.payload[cls.FMT.size:])
 
@@ -239,7 +239,7 @@ class ErrorPayload:
         return Frame(FrameType.ERROR, seq, struct.pack("<I", self.code) + data)
 
     @classmethod
-    def parse(cls, frame: Frame) -> "ErrorPayload":
+    def parse(cls, frame: Frame) -> ErrorPayload:
         (code,) = struct.unpack_from("<I", frame.payload) if len(frame.payload) >= 4 else (ErrorCode.PROTOCOL,)
         try:
             kind = ErrorCode(code)

@@ -4,6 +4,7 @@ the server is listening before the emulator starts."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -17,8 +18,21 @@ from harness.deadline import Deadline
 from harness.seam.memory import MemoryAccessError
 from harness.seam.module import SeamcallRequest, TdxModule, Variant
 from harness.transport.errors import ChannelClosed, FramingError, ProtocolError, TransportError, TransportTimeout
-from harness.transport.frames import (MAX_MEM_CHUNK, PROTO_VERSION, CallPayload, Decoder, ErrorCode, ErrorPayload,
-                                      Frame, FrameType, Hello, HelloAckPayload, MemReply, MemRequest, ReturnPayload)
+from harness.transport.frames import (
+    MAX_MEM_CHUNK,
+    PROTO_VERSION,
+    CallPayload,
+    Decoder,
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    FrameType,
+    Hello,
+    HelloAckPayload,
+    MemReply,
+    MemRequest,
+    ReturnPayload,
+)
 
 log = logging.getLogger("harness.transport")
 
@@ -137,23 +151,21 @@ class SeamServer:
         self.listener.settimeout(ACCEPT_POLL)
         self.thread = threading.Thread(target=self._run, name="seam-server", daemon=True)
 
-    def start(self) -> "SeamServer":
+    def start(self) -> SeamServer:
         self.thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._channel is not None:
-            try:
+            with contextlib.suppress(OSError):  # the guest may have gone already
                 self._channel.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.thread.join(timeout)
         self.listener.close()
         if isinstance(self.address, str) and os.path.exists(self.address):
             os.unlink(self.address)
 
-    def __enter__(self) -> "SeamServer":
+    def __enter__(self) -> SeamServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

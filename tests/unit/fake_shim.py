@@ -8,8 +8,19 @@ import socket
 from harness.deadline import Deadline
 from harness.seam.memory import MemoryAccessError, SparseMemory
 from harness.transport.errors import ChannelClosed, ProtocolError
-from harness.transport.frames import (PROTO_VERSION, CallPayload, Decoder, ErrorPayload, Frame, FrameType, Hello,
-                                      HelloAckPayload, MemReply, MemRequest, ReturnPayload)
+from harness.transport.frames import (
+    PROTO_VERSION,
+    CallPayload,
+    Decoder,
+    ErrorPayload,
+    Frame,
+    FrameType,
+    Hello,
+    HelloAckPayload,
+    MemReply,
+    MemRequest,
+    ReturnPayload,
+)
 
 
 class FakeShim:

@@ -8,8 +8,8 @@ Used by the unit tests and the benchmark; a buggy variant is made by changing on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from harness.observe import pamt
 from harness.seam import abi
@@ -74,7 +74,8 @@ def reserved_areas(tdmr: pamt.Tdmr, blocks: list[pamt.MemRegion], pamts: list[tu
 
 def replay_init(module: TdxModule, usable: list[tuple[int, int]], numa_boundaries: Sequence[int] = (),
                 pamt_skew: int = 0, tdmr_info_misalign: int = 0) -> ReplayResult:
-    """Run Linux's init sequence over ``usable`` [start, end) ranges. ``pamt_skew`` shrinks every 4K PAMT by that many bytes and
+    """Run Linux's init sequence over ``usable`` [start, end) ranges. ``pamt_skew`` shrinks every
+    4K PAMT by that many bytes and
     ``tdmr_info_misalign`` shifts the TDMR_INFO array: the two kernel bugs the tests inject."""
     platform = module.platform
     memory = SparseMemory([(start, end - start) for start, end in usable])
@@ -110,7 +111,7 @@ def replay_init(module: TdxModule, usable: list[tuple[int, int]], numa_boundarie
         total = sum(sizes)
         pamts.append((alloc.alloc(total, abi.SZ_4K), total, sizes[0]))
     infos = []
-    for tdmr, (base, total, size_4k) in zip(tdmrs, pamts):
+    for tdmr, (base, _, size_4k) in zip(tdmrs, pamts):
         sizes = pamt.pamt_sizes(tdmr, entry_sizes)
         areas = reserved_areas(tdmr, blocks, [(b, s) for b, s, _ in pamts])
         padded = tuple(areas) + (ReservedArea(0, 0),) * (max_reserved - len(areas))

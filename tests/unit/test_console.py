@@ -77,7 +77,7 @@ def guest_thread(body: Callable[[], None]) -> Iterator[None]:
     def run() -> None:
         try:
             body()
-        except BaseException as exc:  # noqa: BLE001 -- re-raised in the test thread
+        except BaseException as exc:
             failures.append(exc)
 
     thread = threading.Thread(target=run, name="fake-guest")

@@ -84,7 +84,7 @@ def test_kernel_without_the_shim_is_refused_naming_it(tmp_path: Path):
     image = tmp_path / "vmlinux"
     image.write_bytes(fake_vmlinux("CONFIG_INTEL_TDX_HOST=y\nCONFIG_KVM_INTEL=m\nCONFIG_BLK_DEV_INITRD=y\n"
                                    "CONFIG_SERIAL_8250_CONSOLE=y\n"))
-    with pytest.raises(KernelImageError, match="CONFIG_INTEL_TDX_HOST_SW_MODULE=y .*shim is not applied"):
+    with pytest.raises(KernelImageError, match=r"CONFIG_INTEL_TDX_HOST_SW_MODULE=y .*shim is not applied"):
         check_kernel(image)
 
 

@@ -17,7 +17,7 @@ def pamt_for(tdmr_size: int) -> int:
     """One TDMR's PAMT: per page size, entries x 16 bytes rounded up to 4 KiB."""
     def round4k(n: int) -> int:
         return (n + 4095) // 4096 * 4096
-    return round4k(tdmr_size // (4 * K) * ENTRY) + round4k(tdmr_size // (2 * M) * ENTRY) + round4k(tdmr_size // G * ENTRY)
+    return sum(round4k(tdmr_size // page * ENTRY) for page in (4 * K, 2 * M, G))
 
 
 def test_2g_q35():

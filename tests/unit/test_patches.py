@@ -21,7 +21,7 @@ def test_series_applies_cleanly(package, tmp_path):
     tree = extract_members(deb, package, TOUCHED, tmp_path)
     for patch in patch_series(paths.PATCHES):
         result = subprocess.run(["patch", "-p1", "--fuzz=0", "--forward", "-i", str(patch)], cwd=tree,
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, f"{patch.name} on {package} {version}:\n{result.stdout}{result.stderr}"
         assert "fuzz" not in result.stdout.lower()
     assert (tree / "arch/x86/virt/vmx/tdx/sw_module.c").exists()

@@ -67,7 +67,7 @@ def test_platform_matches_machine():
     assert platform.cmrs == ((1 << 20, 2 * G - (1 << 20)), (4 * G, 2 * G))
 
 
-@pytest.mark.parametrize("bad", [dict(cpus=3, sockets=2), dict(cpus=1, numa=("1G", "1G"))])
+@pytest.mark.parametrize("bad", [{"cpus": 3, "sockets": 2}, {"cpus": 1, "numa": ("1G", "1G")}])
 def test_inconsistent_config_is_refused(bad):
     with pytest.raises(ValueError):
         QemuConfig(**bad)

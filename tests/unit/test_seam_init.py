@@ -51,7 +51,10 @@ def test_tdmr_init_returns_progress_in_chunks():
     assert [r.outputs["rdx"] for r in calls] == [chunk * (i + 1) for i in range(len(calls))]
 
 
-def fresh(cpus=qemu_topology(1, 2)) -> tuple[TdxModule, SparseMemory]:
+TWO_CPUS = qemu_topology(1, 2)
+
+
+def fresh(cpus=TWO_CPUS) -> tuple[TdxModule, SparseMemory]:
     return TdxModule(PlatformConfig(cpus=cpus)), SparseMemory([(0, 2 * G)])
 
 
@@ -69,7 +72,8 @@ def test_nothing_but_sys_init_before_lp_init():
 
 def test_sys_init_rejects_reserved_attributes():
     module, mem = fresh()
-    assert call(module, mem, 0, Leaf.TDH_SYS_INIT, rcx=1).status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    status = call(module, mem, 0, Leaf.TDH_SYS_INIT, rcx=1).status
+    assert status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
 
 
 def test_sys_config_needs_every_lp():
@@ -159,7 +163,7 @@ def test_rdmd_reports_pamt_pages_as_reserved():
 # --- fault plans -----------------------------------------------------------------------------
 
 
-def ready_module(plan: FaultPlan, cpus=qemu_topology(1, 2)) -> TdxModule:
+def ready_module(plan: FaultPlan, cpus=TWO_CPUS) -> TdxModule:
     return TdxModule(PlatformConfig(cpus=cpus, cmrs=cmrs_for_ram([(0, 2 * G)])), faults=plan)
 
 
@@ -197,7 +201,8 @@ def test_busy_for_n_calls_then_works():
     for _ in range(2):
         assert call(module, mem, 0, Leaf.TDH_SYS_CONFIG).status == Status.TDX_OPERAND_BUSY
     # The fourth call is executed (and fails validation because RCX points at nothing useful).
-    assert call(module, mem, 0, Leaf.TDH_SYS_CONFIG).status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RDX)
+    status = call(module, mem, 0, Leaf.TDH_SYS_CONFIG).status
+    assert status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RDX)
 
 
 def test_entropy_failures_are_bounded():

@@ -39,8 +39,7 @@ def tdmr(base: int, size: int, pamt_base: int, holes: list[tuple[int, int]]) -> 
 def valid_tdmrs() -> list[TdmrInfo]:
     # TDMR 0 covers [0, 2G): [0, 1M) is not convertible; its PAMT lives in it at 1G.
     # TDMR 1 covers [4G, 6G): its PAMT lives in TDMR 0's memory too, at 1G + 16M.
-    first_pamt_in_second = tdmr(4 * G, 2 * G, G + 16 * M, [])
-    second = first_pamt_in_second
+    second = tdmr(4 * G, 2 * G, G + 16 * M, [])
     first = tdmr(0, 2 * G, G, [(0, M)])
     s4k, s2m, s1g = pamt_sizes(Tdmr(4 * G, 2 * G), ENTRY_SIZES)
     areas = sorted([(0, M), (G, G + sum(pamt_sizes(Tdmr(0, 2 * G), ENTRY_SIZES))),
@@ -51,7 +50,8 @@ def valid_tdmrs() -> list[TdmrInfo]:
 
 
 def configure(infos: list[TdmrInfo], array_pa: int = ARRAY_PA, infos_pa: int = INFOS_PA,
-              count: int | None = None, hkid: int = 16, platform: PlatformConfig | None = None) -> tuple[int, TdxModule]:
+              count: int | None = None, hkid: int = 16,
+              platform: PlatformConfig | None = None) -> tuple[int, TdxModule]:
     module = TdxModule(platform or PlatformConfig(cmrs=cmrs_for_ram(RAM)))
     memory = SparseMemory(RAM)
     for i, info in enumerate(infos):
@@ -208,9 +208,7 @@ def test_pamt_inside_a_tdmr_must_be_reserved():
 
 
 def test_pamt_inside_cmrs():
-    first, second = valid_tdmrs()
     platform = PlatformConfig(cmrs=cmrs_for_ram([(0, G), (4 * G, 2 * G)]))
-    s4k, s2m, s1g = pamt_sizes(Tdmr(4 * G, 2 * G), ENTRY_SIZES)
     moved = tdmr(4 * G, 2 * G, 3 * G, [])  # PAMT at 3G: a PCI hole, not convertible
     status, _ = configure([tdmr(0, 2 * G, 512 * M, [(0, M), (G, 2 * G)]), moved], platform=platform)
     assert status == abi.with_info(Status.TDX_PAMT_OUTSIDE_CMRS, 1, PageSize.PT_1GB)

@@ -16,8 +16,7 @@ from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.transport.errors import ProtocolError
-from harness.transport.frames import (HEADER, MAGIC, MAX_PAYLOAD, CallPayload, Decoder, Frame, FrameType,
-                                      ReturnPayload)
+from harness.transport.frames import HEADER, MAGIC, MAX_PAYLOAD, CallPayload, Decoder, Frame, FrameType, ReturnPayload
 from harness.transport.server import SeamServer
 
 G, M = 1 << 30, 1 << 20
@@ -118,7 +117,7 @@ def test_memory_the_guest_refuses_fails_the_call_cleanly(served):
 
 
 def test_bad_frame_gets_an_error_frame_and_the_connection_survives(served):
-    _, server, shim = served
+    _, _, shim = served
     frame = bytearray(CallPayload(0, 1, Leaf.TDH_SYS_INIT, (0,) * 13).frame(1).encode())
     frame[12] ^= 0xFF
     shim.send_raw(bytes(frame))
