@@ -104,9 +104,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
         release = machine.wait_ready(args.timeout)
         log.info("guest %s is up", release)
         if args.command is None:
-            print("no --command given: use `tdxh boot --command CMD` (interactive shell not yet supported)",
-                  file=sys.stderr)
-            status = 2
+            print(f"guest shell on the console (end with Ctrl-D; `poweroff -f` powers off); "
+                  f"console log: {machine.console_log}", file=sys.stderr)
+            machine.interact(sys.stdin, sys.stdout)
+            status = 0
         else:
             result = machine.run(args.command, args.timeout)
             sys.stdout.write(result.output)

@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, TextIO, Self
 
 from harness.deadline import Deadline
 
@@ -43,6 +43,7 @@ CHUNK_SIZE = 65536
 MAX_LINE_BYTES = 4095
 # The reader only blocks in select() and in writing the log: it stops within this after close().
 READER_STOP_SECONDS = 5.0
+INTERACT_LINGER = 1.0
 # A serial console ends lines with "\r\n" (the 8250 console and the tty's onlcr); programs that
 # write "\r\n" themselves come out as "\r\r\n". All of these are folded to "\n".
 _LINE_END = re.compile(r"\r+\n")
@@ -228,6 +229,39 @@ class Console:
         with self._cond:
             raw = self._between(start, (end_line, end.start()))
         return CommandResult(int(end.group(1)), command_output(raw, line, strip_printk))
+
+    def interact(self, stdin: TextIO, stdout: TextIO) -> None:
+        """Hand the console to a person: stdin lines go to the guest shell, console text goes to
+        stdout as it arrives, until stdin ends or the console closes."""
+        done = threading.Event()
+
+        def show() -> None:
+            with self._cond:
+                line_no, offset = len(self._lines) - 1, len(self._lines[-1])
+                while not done.is_set():
+                    text = self._lines[line_no][offset:] + "".join(self._lines[line_no + 1:])
+                    line_no, offset = len(self._lines) - 1, len(self._lines[-1])
+                    if text:
+                        stdout.write(text)
+                        stdout.flush()
+                    if self._eof or self._closed:
+                        done.set()
+                    else:
+                        self._cond.wait(0.5)
+
+        shower = threading.Thread(target=show, name="console-interact", daemon=True)
+        shower.start()
+        try:
+            for line in stdin:
+                if done.is_set():
+                    break
+                self._sock.sendall(line.encode())
+            done.wait(INTERACT_LINGER)  # let the answer to the last line come out
+        finally:
+            done.set()
+            with self._cond:
+                self._cond.notify_all()
+            shower.join(READER_STOP_SECONDS)
 
     def _wait(self, regex: re.Pattern[str], deadline: Deadline,
               awaited: str) -> tuple[int, re.Match[str]]:

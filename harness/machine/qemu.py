@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
@@ -235,6 +236,9 @@ class QemuMachine(Machine):
 
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
+
+    def interact(self, stdin: TextIO, stdout: TextIO) -> None:
+        self._require_running().interact(stdin, stdout)
 
     def console_lines(self) -> list[str]:
         return self._console.lines() if self._console else []

@@ -346,3 +346,26 @@ def test_deadline() -> None:
     assert past.expired() and past.remaining() == 0
     with pytest.raises(ValueError):
         Deadline.after(-1)
+
+
+def test_interact_forwards_lines_and_shows_the_console(tmp_path):
+    import io
+    import socket as socket_module
+    import threading as threading_module
+
+    host, guest = socket_module.socketpair()
+
+    def fake_guest() -> None:
+        guest.sendall(b"banner\r\n")
+        line = guest.makefile("rb").readline()
+        guest.sendall(b"got: " + line.strip() + b"\r\n")
+        guest.close()
+
+    thread = threading_module.Thread(target=fake_guest)
+    thread.start()
+    out = io.StringIO()
+    console = Console(host, tmp_path / "console.log")
+    console.interact(io.StringIO("hello\n"), out)
+    thread.join(5)
+    console.close()
+    assert "got: hello\n" in out.getvalue()
