@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from harness import paths
-from harness.kernel.build import BuildRequest, config_mismatches, keys, parse_config, patch_series
+from harness.kernel.build import BuildRequest, config_mismatches, keys, parse_config, patch_series, prepare_tree
 from harness.kernel.inspect import KernelImageError, check_kernel
-from harness.kernel.source import KernelSource
+from harness.kernel.source import KernelSource, SourceError, user_tree
 
 
 def test_parse_config_reads_values_and_not_set():
@@ -93,3 +93,49 @@ def test_kernel_with_everything_is_accepted(tmp_path: Path):
     image.write_bytes(fake_vmlinux("CONFIG_INTEL_TDX_HOST=y\nCONFIG_INTEL_TDX_HOST_SW_MODULE=y\nCONFIG_KVM_INTEL=m\n"
                                    "CONFIG_BLK_DEV_INITRD=y\nCONFIG_SERIAL_8250_CONSOLE=y\n"))
     assert check_kernel(image).config["CONFIG_INTEL_TDX_HOST_SW_MODULE"] == "y"
+
+
+def test_user_tree_is_copied_without_build_outputs_and_patched_each_time(tmp_path):
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/virt").mkdir(parents=True)
+    (tree / "Makefile").write_text("VERSION = 7\n")
+    (tree / "arch/x86/Kconfig").write_text("config X86\n\tbool\n")
+    (tree / ".config").write_text("CONFIG_X86=y\n")  # an in-tree build: must not be copied
+    (tree / "init.o").write_bytes(b"\x7fELF")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "series").write_text("0001-shim.patch\n")
+    (patches / "0001-shim.patch").write_text(
+        "--- a/arch/x86/Kconfig\n+++ b/arch/x86/Kconfig\n@@ -1,2 +1,4 @@\n config X86\n \tbool\n"
+        "+config INTEL_TDX_HOST_SW_MODULE\n+\tbool\n")
+    frags = tmp_path / "config"
+    frags.mkdir()
+    (frags / "a.config").write_text("CONFIG_X86=y\n")
+    request = BuildRequest(source=user_tree(tree), cache=tmp_path / "cache", patches=patches, fragments=frags)
+    for _ in range(2):  # the second run re-syncs (undoing the patch) and patches again
+        copy = prepare_tree(request, keys(request))
+        assert "INTEL_TDX_HOST_SW_MODULE" in (copy / "arch/x86/Kconfig").read_text()
+        assert not (copy / ".config").exists() and not (copy / "init.o").exists()
+    assert "INTEL_TDX_HOST_SW_MODULE" not in (tree / "arch/x86/Kconfig").read_text()
+
+
+def test_user_tree_that_carries_the_shim_is_not_patched(tmp_path):
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/virt").mkdir(parents=True)
+    (tree / "Makefile").write_text("VERSION = 7\n")
+    (tree / "arch/x86/Kconfig").write_text("config INTEL_TDX_HOST_SW_MODULE\n\tbool\n")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "series").write_text("0001-broken.patch\n")
+    (patches / "0001-broken.patch").write_text("this would not apply\n")
+    frags = tmp_path / "config"
+    frags.mkdir()
+    (frags / "a.config").write_text("CONFIG_X86=y\n")
+    request = BuildRequest(source=user_tree(tree), cache=tmp_path / "cache", patches=patches, fragments=frags)
+    copy = prepare_tree(request, keys(request))
+    assert (copy / "arch/x86/Kconfig").read_text() == (tree / "arch/x86/Kconfig").read_text()
+
+
+def test_not_a_kernel_tree_is_refused(tmp_path):
+    with pytest.raises(SourceError, match=r"is not a Linux 7\.x kernel tree"):
+        user_tree(tmp_path)
