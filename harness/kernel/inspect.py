@@ -13,6 +13,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from harness.kernel.build import parse_config
 
@@ -24,6 +25,8 @@ REQUIRED = {
     "CONFIG_BLK_DEV_INITRD": "y",
     "CONFIG_SERIAL_8250_CONSOLE": "y",
 }
+# The shim's entry point: its symbol proves the SEAMCALL redirection is linked in.
+SHIM_SYMBOL = "tdx_sw_seamcall"
 # (magic, decompressor) of the payload formats a bzImage may carry; tried at every offset.
 _PAYLOADS = (
     (b"\x1f\x8b\x08", lambda data: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)),
@@ -39,10 +42,7 @@ class KernelImageError(Exception):
 class KernelImage:
     path: Path
     config: dict[str, str]
-
-    @property
-    def release_hint(self) -> str:
-        return self.config.get("CONFIG_LOCALVERSION", "")
+    symbols_from: Path | None  # the vmlinux whose symbol table was checked, if one was found
 
 
 def _elf_kernel(data: bytes, where: str) -> None:
@@ -83,8 +83,33 @@ def embedded_config(vmlinux: bytes, where: str) -> dict[str, str]:
     return parse_config(gzip.decompress(vmlinux[start + len(IKCFG_START):end]).decode(errors="replace"))
 
 
+def symbol_names(vmlinux: Path) -> set[str] | None:
+    """Names in the ELF symbol table, or None when the file has none (stripped)."""
+    with open(vmlinux, "rb") as stream:
+        try:
+            elf = ELFFile(stream)
+        except ELFError as err:
+            raise KernelImageError(f"{vmlinux} is not an ELF file: {err}") from err
+        table = elf.get_section_by_name(".symtab")
+        if not isinstance(table, SymbolTableSection):
+            return None
+        return {symbol.name for symbol in table.iter_symbols()}
+
+
+def vmlinux_for(path: Path) -> Path | None:
+    """The vmlinux that goes with ``path``: itself, or the one at the top of its build tree
+    (a bzImage lives in arch/x86/boot/) or beside it."""
+    if path.read_bytes()[:4] == b"\x7fELF":
+        return path
+    candidates = [path.parent / "vmlinux"]
+    if path.parent.match("arch/x86/boot"):
+        candidates.append(path.parents[3] / "vmlinux")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def check_kernel(path: Path) -> KernelImage:
-    """Refuse a kernel that cannot run the scenarios, naming every missing option."""
+    """Refuse a kernel that cannot run the scenarios, naming every missing option or symbol.
+    The embedded config is always checked; the shim's symbol when a vmlinux is at hand."""
     if not path.is_file():
         raise KernelImageError(f"kernel image {path} does not exist")
     config = embedded_config(_vmlinux_bytes(path), str(path))
@@ -93,4 +118,8 @@ def check_kernel(path: Path) -> KernelImage:
         hint = " (the tdx-harness shim is not applied: see images/kernel/patches)" \
             if "CONFIG_INTEL_TDX_HOST_SW_MODULE=y" in missing else ""
         raise KernelImageError(f"{path} lacks {', '.join(missing)}{hint}")
-    return KernelImage(path, config)
+    vmlinux = vmlinux_for(path)
+    names = symbol_names(vmlinux) if vmlinux is not None else None
+    if names is not None and SHIM_SYMBOL not in names:
+        raise KernelImageError(f"{vmlinux} has no symbol {SHIM_SYMBOL}: it was not built from the patched tree")
+    return KernelImage(path, config, vmlinux if names is not None else None)

@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, TextIO, Self
+from typing import Protocol, Self, TextIO
 
 from harness.deadline import Deadline
 

@@ -4,6 +4,8 @@ the image check on synthetic images."""
 from __future__ import annotations
 
 import gzip
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,28 @@ def test_user_tree_that_carries_the_shim_is_not_patched(tmp_path):
 def test_not_a_kernel_tree_is_refused(tmp_path):
     with pytest.raises(SourceError, match=r"is not a Linux 7\.x kernel tree"):
         user_tree(tmp_path)
+
+
+GOOD_CONFIG = ("CONFIG_INTEL_TDX_HOST=y\nCONFIG_INTEL_TDX_HOST_SW_MODULE=y\nCONFIG_KVM_INTEL=m\n"
+               "CONFIG_BLK_DEV_INITRD=y\nCONFIG_SERIAL_8250_CONSOLE=y\n")
+
+
+def compiled_vmlinux(tmp_path: Path, config: str, symbol: str) -> Path:
+    """An x86-64 ELF object with a symbol table: the embedded config in .rodata, one function."""
+    blob = b"IKCFG_ST" + gzip.compress(config.encode()) + b"IKCFG_ED"
+    source = tmp_path / "k.c"
+    source.write_text(f"const unsigned char kernel_config_data[] = {{{', '.join(map(str, blob))}}};\n"
+                      f"void {symbol}(void) {{}}\n")
+    out = tmp_path / "vmlinux"
+    subprocess.run(["gcc", "-c", "-o", str(out), str(source)], check=True, timeout=60)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to make an ELF with a symbol table")
+def test_vmlinux_without_the_shim_symbol_is_refused(tmp_path: Path):
+    """A config can claim the shim while the image was built from another tree: the symbol
+    table settles it."""
+    with pytest.raises(KernelImageError, match="has no symbol tdx_sw_seamcall"):
+        check_kernel(compiled_vmlinux(tmp_path, GOOD_CONFIG, "something_else"))
+    image = compiled_vmlinux(tmp_path, GOOD_CONFIG, "tdx_sw_seamcall")
+    assert check_kernel(image).symbols_from == image
