@@ -109,7 +109,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
             machine.interact(sys.stdin, sys.stdout)
             status = 0
         else:
-            result = machine.run(args.command, args.timeout)
+            # The user's command output as it is (dmesg lines look like kernel messages).
+            result = machine.run(args.command, args.timeout, strip_printk=False)
             sys.stdout.write(result.output)
             status = result.status
         machine.power_off(60)
@@ -119,9 +120,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
     finally:
         if machine is not None:
             machine.stop()
-    if args.trace:
-        shutil.copy(run_dir / "seamcalls.jsonl", args.trace)
-    log.info("SEAMCALL trace: %s", args.trace or run_dir / "seamcalls.jsonl")
+    trace = run_dir / "seamcalls.jsonl"
+    if args.trace and args.trace.resolve() != trace.resolve():
+        shutil.copy(trace, args.trace)
+    log.info("SEAMCALL trace: %s (print it with `tdxh trace FILE`)", args.trace or trace)
     return status
 
 
