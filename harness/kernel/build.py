@@ -27,9 +27,12 @@ log = logging.getLogger("harness.kernel")
 SHIM_OPTION = "CONFIG_INTEL_TDX_HOST_SW_MODULE"
 # Build outputs a developer's in-tree build leaves behind: `make O=` refuses a source tree
 # that has them, and they are not source anyway.
-RSYNC_EXCLUDES = (".git", ".config", ".config.old", "include/config/", "include/generated/",
-                  "arch/*/include/generated/", "*.o", "*.ko", "*.cmd", "*.a", "vmlinux*", ".tmp_*",
-                  "modules.order", "Module.symvers", "System.map")
+# Top-level outputs are anchored ("/vmlinux"): a bare "vmlinux*" would also drop sources such as
+# arch/x86/kernel/vmlinux.lds.S and scripts/link-vmlinux.sh.
+RSYNC_EXCLUDES = ("/.git", "/.config", "/.config.old", "/include/config/", "/include/generated/",
+                  "/arch/*/include/generated/", "*.o", "*.ko", "*.cmd", "*.mod", "*.mod.c", ".tmp_*",
+                  "/vmlinux", "/vmlinux.a", "/vmlinux.o", "/vmlinux.unstripped", "/modules.order",
+                  "/Module.symvers", "/System.map", "/arch/x86/boot/bzImage")
 
 
 class BuildError(Exception):

@@ -104,6 +104,9 @@ def test_user_tree_is_copied_without_build_outputs_and_patched_each_time(tmp_pat
     (tree / "arch/x86/Kconfig").write_text("config X86\n\tbool\n")
     (tree / ".config").write_text("CONFIG_X86=y\n")  # an in-tree build: must not be copied
     (tree / "init.o").write_bytes(b"\x7fELF")
+    (tree / "vmlinux").write_bytes(b"\x7fELF")  # a top-level build output
+    (tree / "arch/x86/kernel").mkdir(parents=True)
+    (tree / "arch/x86/kernel/vmlinux.lds.S").write_text("/* a source file */\n")
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "series").write_text("0001-shim.patch\n")
@@ -118,6 +121,7 @@ def test_user_tree_is_copied_without_build_outputs_and_patched_each_time(tmp_pat
         copy = prepare_tree(request, keys(request))
         assert "INTEL_TDX_HOST_SW_MODULE" in (copy / "arch/x86/Kconfig").read_text()
         assert not (copy / ".config").exists() and not (copy / "init.o").exists()
+        assert not (copy / "vmlinux").exists() and (copy / "arch/x86/kernel/vmlinux.lds.S").exists()
     assert "INTEL_TDX_HOST_SW_MODULE" not in (tree / "arch/x86/Kconfig").read_text()
 
 
