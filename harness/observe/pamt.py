@@ -90,6 +90,17 @@ def parse_e820(text: str) -> list[tuple[int, int]]:
     return ranges
 
 
+SRAT_LINE = re.compile(r"ACPI: SRAT: Node (?P<node>\d+) PXM \d+ "
+                       r"\[mem (?P<start>0x[0-9a-fA-F]+)-(?P<end>0x[0-9a-fA-F]+)\]")
+
+
+def parse_numa_boundaries(text: str) -> list[int]:
+    """Where a new NUMA node's memory starts, from the kernel's "ACPI: SRAT: Node N PXM P
+    [mem A-B]" lines (none without NUMA)."""
+    ranges = sorted({(int(m["start"], 16), int(m["node"])) for m in SRAT_LINE.finditer(text)})
+    return [start for (start, node), (_, prev) in zip(ranges[1:], ranges) if node != prev]
+
+
 def memblock_regions(usable: Sequence[tuple[int, int]], numa_boundaries: Sequence[int] = ()) -> list[MemRegion]:
     """memblock.memory as for_each_mem_pfn_range() walks it: page-trimmed, merged, split per node."""
     trimmed: list[tuple[int, int]] = []

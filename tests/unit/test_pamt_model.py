@@ -111,3 +111,15 @@ def test_cli_rejects_bad_address():
     with pytest.raises(SystemExit) as exc:
         main(["pamt-model", "--e820", "x", "--numa-boundary", "zz"])
     assert exc.value.code == 2
+
+
+def test_numa_boundaries_from_srat_lines():
+    # As Linux 7.3 printed them for QEMU with nodes of 1G and 3G.
+    text = """\
+[    0.051077] ACPI: SRAT: Node 0 PXM 0 [mem 0x00000000-0x0009ffff]
+[    0.051202] ACPI: SRAT: Node 0 PXM 0 [mem 0x00100000-0x3fffffff]
+[    0.051224] ACPI: SRAT: Node 1 PXM 1 [mem 0x40000000-0x7fffffff]
+[    0.051241] ACPI: SRAT: Node 1 PXM 1 [mem 0x100000000-0x17fffffff]
+"""
+    assert pamt.parse_numa_boundaries(text) == [G]
+    assert pamt.parse_numa_boundaries("no numa here") == []
