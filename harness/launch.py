@@ -4,12 +4,16 @@ started machine. Used by the CLI and by the pytest fixtures alike."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.images.initramfs import InitramfsRequest, build_initramfs
-from harness.kernel.build import BuildRequest, build
+from harness.kernel.build import BuildRequest, build, patch_series
 from harness.kernel.inspect import check_kernel
 from harness.kernel.source import debian_source, user_tree
 from harness.machine.base import Boot
@@ -30,8 +34,11 @@ class Images:
     identity: str  # kernel build key or the image path, for reports
 
 
-def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | None = None) -> Images:
-    """A prebuilt ``kernel`` (checked first), a developer's ``kernel_tree``, or Debian's source."""
+def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | None = None,
+                   extra_patches: Sequence[Path] = ()) -> Images:
+    """A prebuilt ``kernel`` (checked first), a developer's ``kernel_tree``, or Debian's source.
+    ``extra_patches`` go on top of the shim series; such a variant builds in its own directory
+    under the cache (same layout, so ccache still hits) and leaves the plain build alone."""
     if kernel is not None and kernel_tree is not None:
         raise ValueError("give --kernel or --kernel-tree, not both")
     if kernel is not None:
@@ -40,10 +47,25 @@ def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | 
         initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs"))
         return Images(kernel, initrd, modules, str(kernel))
     source = user_tree(kernel_tree) if kernel_tree is not None else debian_source(cache)
-    result = build(BuildRequest(source=source, cache=cache))
+    request = BuildRequest(source=source, cache=cache)
+    if extra_patches:
+        request = _variant(request, extra_patches)
+    result = build(request)
     check_kernel(result.bzimage)
     initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=result.modules))
     return Images(result.bzimage, initrd, result.modules, f"{source.identity} build {result.key}")
+
+
+def _variant(request: BuildRequest, extra_patches: Sequence[Path]) -> BuildRequest:
+    series = [*patch_series(request.patches), *extra_patches]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in series)).hexdigest()[:12]
+    root = request.cache / "variants" / digest
+    patches = root / "patches"
+    patches.mkdir(parents=True, exist_ok=True)
+    for patch in series:
+        shutil.copy(patch, patches / patch.name)
+    (patches / "series").write_text("".join(f"{p.name}\n" for p in series))
+    return dataclasses.replace(request, cache=root, patches=patches)
 
 
 def platform_for(config: QemuConfig, base: PlatformConfig | None = None) -> PlatformConfig:

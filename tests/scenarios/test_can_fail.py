@@ -1,0 +1,43 @@
+"""The scenarios can fail: a kernel with a deliberate bug, applied only here, makes the
+first-boot checks fail for the right reason (and the module reject what hardware would)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from checks import kernel_log
+
+from harness import paths
+from harness.launch import prepare_images, start_machine
+from harness.machine.qemu import QemuConfig
+from harness.observe import patterns
+from harness.observe.dmesg import TimelineError
+from harness.seam import abi
+from harness.seam.abi import Leaf, PageSize, Status
+
+BROKEN = Path(__file__).parent.parent / "data" / "broken"
+
+
+@pytest.mark.slow
+def test_pamt_one_page_short_is_caught(request, artifacts):
+    if request.config.getoption("--kernel"):
+        pytest.skip("needs to build a kernel: not with --kernel")
+    images = prepare_images(paths.cache_dir(), kernel_tree=request.config.getoption("--kernel-tree"),
+                            extra_patches=[BROKEN / "pamt-4k-one-page-short.patch"])
+    machine = start_machine(images, QemuConfig(), artifacts / "broken")
+    try:
+        machine.wait_ready(300)
+        log = kernel_log(machine)
+        # What the first-boot scenario expects does not happen ...
+        with pytest.raises(TimelineError, match=r"step 3 of 4: .*KB allocated for PAMT.*it never came"):
+            log.expect_in_order([patterns.BIOS_ENABLED, patterns.MODULE_VERSION, patterns.PAMT_ALLOCATED,
+                                 patterns.INITIALIZED])
+        # ... because the module refused TDMR 0's 4K PAMT, as the TDX module does.
+        refused = abi.with_info(Status.TDX_INVALID_PAMT, 0, PageSize.PT_4KB)
+        failed = log.expect(patterns.SEAMCALL_FAILED)
+        assert (int(failed["fn"], 16), int(failed["status"], 16)) == (Leaf.TDH_SYS_CONFIG, refused)
+        config = machine.module.trace.of_leaf(Leaf.TDH_SYS_CONFIG)
+        assert [r.status for r in config] == [refused]
+    finally:
+        machine.stop()
