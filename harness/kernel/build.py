@@ -133,22 +133,26 @@ def prepare_tree(request: BuildRequest, key: Keys) -> Path:
 def configure(tree: Path, out: Path, request: BuildRequest) -> Path:
     """tinyconfig + fragments + olddefconfig, then check every requested option survived
     (Kconfig silently drops options whose dependencies are unmet). The build directory is per
-    config, so an existing .config is the right one."""
-    config = out / ".config"
-    if config.exists():
-        return config
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "config.log"
+    config; a .config counts only once a marker says it was completed and checked (a run
+    stopped half-way leaves a bare tinyconfig behind), and it is checked again on reuse."""
+    config, marker = out / ".config", out / ".tdxh-configured"
     frags = fragments(request.fragments)
-    run(["make", f"O={out}", "tinyconfig"], cwd=tree, timeout=600, log_path=log_path)
-    run(["scripts/kconfig/merge_config.sh", "-m", "-O", str(out), str(config), *map(str, frags)],
-        cwd=tree, timeout=600, log_path=log_path)
-    run(["make", f"O={out}", "olddefconfig"], cwd=tree, timeout=600, log_path=log_path)
+    if not (config.exists() and marker.exists()):
+        marker.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / "config.log"
+        run(["make", f"O={out}", "tinyconfig"], cwd=tree, timeout=600, log_path=log_path)
+        run(["scripts/kconfig/merge_config.sh", "-m", "-O", str(out), str(config), *map(str, frags)],
+            cwd=tree, timeout=600, log_path=log_path)
+        run(["make", f"O={out}", "olddefconfig"], cwd=tree, timeout=600, log_path=log_path)
     missing = config_mismatches(frags, config.read_text())
     if missing:
+        marker.unlink(missing_ok=True)
         config.rename(out / ".config.rejected")
         raise BuildError("the kernel config lacks options the scenarios need, probably due to unmet "
                          "dependencies: " + ", ".join(missing))
+    marker.touch()
     return config
 
 
