@@ -260,7 +260,6 @@ class QemuMachine(Machine):
             self.exitcode = self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning("QEMU did not exit within %.0fs: killing it", timeout)
-            self.stop()
         self.stop()
         return self.exitcode
 
