@@ -231,6 +231,13 @@ class TdxModule:
             return Status.TDX_SYS_LP_INIT_NOT_DONE
         return 0
 
+    def _sys_ready(self, call: _Call) -> int:
+        """The caller's LP is initialized and every package has its key (TDMR.INIT onwards)."""
+        status = self._lp_ready(call)
+        if status:
+            return status
+        return Status.TDX_SYS_NOT_READY if self.state.sys is not SysState.SYS_READY else 0
+
     # --- host initialization leaves -----------------------------------------------------------------
 
     def sys_init(self, call: _Call) -> int:
@@ -318,11 +325,9 @@ class TdxModule:
         return 0
 
     def sys_tdmr_init(self, call: _Call) -> int:
-        status = self._lp_ready(call)
+        status = self._sys_ready(call)
         if status:
             return status
-        if self.state.sys is not SysState.SYS_READY:
-            return Status.TDX_SYS_NOT_READY
         base = call.reg("rcx")
         tdmr = next((t for t in self.state.tdmrs if t.info.base == base), None)
         if tdmr is None:
@@ -340,11 +345,9 @@ class TdxModule:
         return 0
 
     def phymem_page_rdmd(self, call: _Call) -> int:
-        status = self._lp_ready(call)
+        status = self._sys_ready(call)
         if status:
             return status
-        if self.state.sys is not SysState.SYS_READY:
-            return Status.TDX_SYS_NOT_READY
         pa = call.reg("rcx") & ~0xFFF
         tdmr = self._tdmr_of(pa)
         if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:

@@ -8,6 +8,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from harness.seam.trace import REGISTERS
 from harness.transport.errors import FramingError, ProtocolError
 
 MAGIC = b"TX"
@@ -16,7 +17,7 @@ CRC = struct.Struct("<I")
 MAX_PAYLOAD = 4160
 MAX_MEM_CHUNK = 4096
 PROTO_VERSION = 1
-NR_REGS = 13
+NR_REGS = len(REGISTERS)  # struct tdx_module_args, in the order the trace names them
 
 
 class FrameType(enum.IntEnum):
