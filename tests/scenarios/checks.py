@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from harness.machine.qemu import QemuMachine
 from harness.observe import pamt
+from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline
 from harness.seam import abi
 from harness.seam.abi import Leaf
@@ -12,11 +15,16 @@ from harness.seam.trace import TraceRecord
 DMESG_TIMEOUT = 60.0
 
 
-def kernel_log(machine: QemuMachine) -> Timeline:
-    """The guest's whole kernel log, read with dmesg (complete even if the console dropped lines)."""
+def kernel_log(machine: QemuMachine, allow: Iterable[Crash] = ()) -> Timeline:
+    """The guest's whole kernel log, read with dmesg (complete even if the console dropped
+    lines). Fails on any sign of trouble (crash.Crash) that the scenario did not ``allow``."""
     result = machine.run("dmesg", DMESG_TIMEOUT, strip_printk=False)
     assert result.status == 0, f"dmesg failed with {result.status}: {result.output[-500:]}"
-    return Timeline.from_console(result.output.splitlines(), machine.console_log)
+    log = Timeline.from_console(result.output.splitlines(), machine.console_log)
+    surprises = unexpected(classify(log.records), allow)
+    assert not surprises, ("unexpected kernel trouble:\n" + "\n".join(f"  {f}" for f in surprises)
+                           + f"\nconsole log: {machine.console_log}")
+    return log
 
 
 def model_from_log(log: Timeline) -> pamt.PamtModel:
