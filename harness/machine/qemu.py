@@ -163,17 +163,17 @@ class QemuMachine(Machine):
     def start(self) -> None:
         if self.state is not RunState.NEW:
             raise MachineBroken(f"machine already {self.state.value}")
-        if shutil.which(self.config.qemu) is None:
-            raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)", self.config.qemu,
-                              None, "")
-        for path, what in ((self.boot.kernel, "kernel"), (self.boot.initrd, "initramfs")):
-            if not path.is_file():
-                raise LaunchError(f"{what} {path} does not exist", "", None, "")
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
         qmp_path = self._sock_dir / "qmp"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        try:  # every failure below goes through stop(): sockets, trace file, process group
+            if shutil.which(self.config.qemu) is None:
+                raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)",
+                                  self.config.qemu, None, "")
+            for path, what in ((self.boot.kernel, "kernel"), (self.boot.initrd, "initramfs")):
+                if not path.is_file():
+                    raise LaunchError(f"{what} {path} does not exist", "", None, "")
             listener.bind(str(console_path))
             listener.listen(1)
             if self.serve_module:

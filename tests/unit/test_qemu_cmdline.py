@@ -77,3 +77,18 @@ def test_parse_size():
     assert parse_size("512M") == 512 << 20 and parse_size("2G") == 2 * G and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_launch_error_cleans_up_and_names_the_problem(tmp_path):
+    from harness.machine.base import LaunchError
+    from harness.machine.qemu import QemuMachine
+    from harness.seam.module import TdxModule
+    from harness.seam.trace import Trace
+
+    trace_file = open(tmp_path / "trace.jsonl", "w")
+    machine = QemuMachine(QemuConfig(), Boot(tmp_path / "missing-bzImage", tmp_path / "initrd"),
+                          TdxModule(trace=Trace(sink=trace_file)), tmp_path / "run")
+    sock_dir = machine._sock_dir
+    with pytest.raises(LaunchError, match=r"kernel .*missing-bzImage does not exist"):
+        machine.start()
+    assert not sock_dir.exists() and trace_file.closed
