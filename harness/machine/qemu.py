@@ -25,6 +25,7 @@ from typing import TextIO
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
 from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
+from harness.machine.qmp import Qmp
 from harness.seam.module import TdxModule
 from harness.transport.server import SeamServer
 
@@ -157,6 +158,8 @@ class QemuMachine(Machine):
         self._console: Console | None = None
         self._seam: SeamServer | None = None
         self._broken: BaseException | None = None
+        self._qmp_path = self._sock_dir / "qmp"
+        self._qmp: Qmp | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -165,7 +168,6 @@ class QemuMachine(Machine):
             raise MachineBroken(f"machine already {self.state.value}")
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
-        qmp_path = self._sock_dir / "qmp"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:  # every failure below goes through stop(): sockets, trace file, process group
             if shutil.which(self.config.qemu) is None:
@@ -179,7 +181,7 @@ class QemuMachine(Machine):
             if self.serve_module:
                 self._seam = SeamServer(self.module, seam_path).start()
             self.command = qemu_command(self.config, self.boot, console_path,
-                                        seam_path if self.serve_module else None, qmp_path)
+                                        seam_path if self.serve_module else None, self._qmp_path)
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
             log.info("$ %s", shlex.join(self.command))
             with open(self.qemu_log, "wb") as out:
@@ -240,6 +242,13 @@ class QemuMachine(Machine):
     def interact(self, stdin: TextIO, stdout: TextIO) -> None:
         self._require_running().interact(stdin, stdout)
 
+    def qmp(self, timeout: float = CONNECT_TIMEOUT) -> Qmp:
+        """The machine's QMP monitor (connected on first use, closed by stop())."""
+        self._require_running()
+        if self._qmp is None:
+            self._qmp = Qmp(self._qmp_path, Deadline.after(timeout))
+        return self._qmp
+
     def console_lines(self) -> list[str]:
         return self._console.lines() if self._console else []
 
@@ -264,6 +273,9 @@ class QemuMachine(Machine):
         return self.exitcode
 
     def stop(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         if self._console is not None:
             self._console.close()  # close readers before waiting for QEMU (it may block on them)
         if self._seam is not None:

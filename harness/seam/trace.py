@@ -71,9 +71,6 @@ class Trace:
     def of_leaf(self, leaf: abi.Leaf) -> list[TraceRecord]:
         return [r for r in self.records if r.number == leaf and not r.fn & abi.P_SEAMLDR_LEAF_BIT]
 
-    def leaves(self) -> list[int]:
-        return [r.number for r in self.records]
-
     def __iter__(self) -> Iterator[TraceRecord]:
         return iter(self.records)
 

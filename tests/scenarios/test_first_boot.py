@@ -42,6 +42,8 @@ def test_first_boot_initializes_tdx(boot):
         assert calls[-1].outputs["rdx"] >= tdmr.info.end
         assert len(calls) == -(-tdmr.info.size // platform.tdmr_init_chunk)
     log.expect_absent(patterns.SEAMCALL_FAILED)
+    # The QMP monitor answers for the same machine.
+    assert machine.qmp().status() == "running"
 
 
 def test_first_boot_two_packages_key_config_each(boot):

@@ -41,6 +41,16 @@ def test_out_of_order_names_the_step_and_shows_context():
     assert "step 2 of 2" in text and "it came earlier" in text and "kernel log around it" in text
 
 
+def test_marks_and_since():
+    timeline = Timeline.from_console(LOG.splitlines()[:7])
+    mark = timeline.mark()
+    timeline.records += parse_console(LOG.splitlines()[7:])
+    after = timeline.since(mark)
+    assert [r.boot for r in after.records] == [0, 0]  # parsed alone: the second kernel's log
+    assert len(timeline.all(patterns.BIOS_ENABLED)) == 2 and len(after.all(patterns.BIOS_ENABLED)) == 1
+    after.expect_absent(patterns.INITIALIZED)
+
+
 def test_absent_message_is_reported():
     with pytest.raises(TimelineError, match="none came"):
         Timeline.from_console(LOG.splitlines()).expect(patterns.NOT_LOADED)
