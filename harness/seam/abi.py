@@ -82,6 +82,7 @@ class Status(enum.IntEnum):
     TDX_SUCCESS = 0x0000000000000000
     TDX_NON_RECOVERABLE_VCPU = 0x4000000100000000
     TDX_NON_RECOVERABLE_TD = 0x6000000200000000
+    TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE = 0x6000000500000000
     TDX_INTERRUPTED_RESUMABLE = 0x8000000300000000
     TDX_INTERRUPTED_RESTARTABLE = 0x8000000400000000
     TDX_OPERAND_INVALID = 0xC000010000000000
@@ -104,10 +105,26 @@ class Status(enum.IntEnum):
     TDX_SYS_STATE_INCORRECT = 0xC000050800000000
     TDX_SYS_LP_INIT_NOT_PENDING = 0xC000050B00000000
     TDX_SYS_CONFIG_NOT_PENDING = 0xC000050C00000000
+    TDX_TD_FATAL = 0xE000060400000000
+    TDX_TDCS_NOT_ALLOCATED = 0xC000060600000000
+    TDX_LIFECYCLE_STATE_INCORRECT = 0xC000060700000000
+    TDX_OP_STATE_INCORRECT = 0xC000060800000000
+    TDX_NO_VCPUS = 0xC000060900000000
+    TDX_TDCX_NUM_INCORRECT = 0xC000061000000000
+    TDX_X2APIC_ID_NOT_UNIQUE = 0xC000062100000000
+    TDX_VCPU_STATE_INCORRECT = 0xC000070000000000
+    TDX_VCPU_ASSOCIATED = 0x8000070100000000
+    TDX_VCPU_NOT_ASSOCIATED = 0x8000070200000000
+    TDX_MAX_VCPUS_EXCEEDED = 0xC000070500000000
     TDX_KEY_GENERATION_FAILED = 0x8000080000000000
+    TDX_TD_KEYS_NOT_CONFIGURED = 0x8000081000000000
     TDX_KEY_STATE_INCORRECT = 0xC000081100000000
     TDX_KEY_CONFIGURED = 0x0000081500000000
+    TDX_WBCACHE_NOT_COMPLETE = 0x8000081700000000
+    TDX_HKID_NOT_FREE = 0xC000082000000000
     TDX_NO_HKID_READY_TO_WBCACHE = 0x0000082100000000
+    TDX_WBCACHE_RESUME_ERROR = 0xC000082300000000
+    TDX_FLUSHVP_NOT_DONE = 0x8000082400000000
     TDX_INVALID_TDMR = 0xC0000A0000000000
     TDX_NON_ORDERED_TDMR = 0xC0000A0100000000
     TDX_TDMR_OUTSIDE_CMRS = 0xC0000A0200000000
@@ -117,7 +134,14 @@ class Status(enum.IntEnum):
     TDX_PAMT_OVERLAP = 0xC0000A1200000000
     TDX_INVALID_RESERVED_IN_TDMR = 0xC0000A2000000000
     TDX_NON_ORDERED_RESERVED_IN_TDMR = 0xC0000A2100000000
+    TDX_EPT_WALK_FAILED = 0xC0000B0000000000
+    TDX_EPT_ENTRY_NOT_PRESENT = 0xC0000B0300000000
+    TDX_GPA_RANGE_NOT_BLOCKED = 0xC0000B0600000000
+    TDX_GPA_RANGE_ALREADY_BLOCKED = 0x00000B0700000000
+    TDX_TLB_TRACKING_NOT_DONE = 0xC0000B0800000000
+    TDX_EPT_ENTRY_STATE_INCORRECT = 0xC0000B0D00000000
     TDX_METADATA_FIELD_ID_INCORRECT = 0xC0000C0000000000
+    TDX_METADATA_FIELD_NOT_WRITABLE = 0xC0000C0100000000
     TDX_METADATA_FIELD_NOT_READABLE = 0xC0000C0200000000
     # Software-defined by Linux (asm/tdx.h): what the SEAMCALL instruction itself reports.
     TDX_SEAMCALL_VMFAILINVALID = 0x8000FF00FFFF0000
@@ -153,11 +177,20 @@ class OperandId(enum.IntEnum):
     MAX_VCPUS = 68
     CPUID_CONFIG = 69
     TSC_FREQUENCY = 70
+    NUM_L2_VMS = 71
+    IA32_ARCH_CAPABILITIES_CONFIG = 72
     TDR = 0x80
     TDCX = 0x81
     TDVPR = 0x82
-    SEPT = 0x92
+    TDCS = 0x90
+    TDVPS = 0x91
+    SEPT = 0x92  # the spec's OPERAND_ID_SEPT_TREE; Linux's TDX_OPERAND_ID_SEPT
+    SEPT_ENTRY = 0x93
     TD_EPOCH = 0xA9
+    OP_STATE = 0xAC
+    KOT = 0xBA
+    KET = 0xBB
+    WBCACHE = 0xBC
 
 
 def with_operand(status: Status, operand: OperandId) -> int:
@@ -181,13 +214,19 @@ def status_name(status: int) -> str:
         name = Status(base).name
     except ValueError:
         return f"{status:#018x}"
-    if base in (Status.TDX_OPERAND_INVALID, Status.TDX_OPERAND_ADDR_RANGE_ERROR,
-                Status.TDX_OPERAND_BUSY, Status.TDX_PAGE_METADATA_INCORRECT):
+    if base in _OPERAND_STATUSES:
         try:
             return f"{name}({OperandId(details).name})"
         except ValueError:
             pass
     return f"{name}({details:#010x})"
+
+
+_OPERAND_STATUSES = frozenset({
+    Status.TDX_OPERAND_INVALID, Status.TDX_OPERAND_ADDR_RANGE_ERROR, Status.TDX_OPERAND_BUSY,
+    Status.TDX_PAGE_METADATA_INCORRECT, Status.TDX_EPT_WALK_FAILED, Status.TDX_EPT_ENTRY_STATE_INCORRECT,
+    Status.TDX_EPT_ENTRY_NOT_PRESENT, Status.TDX_GPA_RANGE_NOT_BLOCKED, Status.TDX_TLB_TRACKING_NOT_DONE,
+})
 
 
 def is_error(status: int) -> bool:
@@ -272,3 +311,155 @@ FIELD_CPUID_CONFIG_VALUES = 0x9900000300000500
 TDX_FEATURES0_TD_PRESERVING = 1 << 1
 TDX_FEATURES0_NO_RBP_MOD = 1 << 18
 TDX_FEATURES0_TOPOLOGY_ENUM = 1 << 20
+
+# --- TD management (TDH.MNG.*, TDH.VP.*, TDH.MEM.*, TDH.MR.*) -------------------------------
+
+# TDH.MEM.* RCX "page info": bits 2:0 S-EPT level, 11:3 reserved, 51:12 GPA, 63:52 reserved.
+PAGE_INFO_LEVEL_MASK = 0x7
+PAGE_INFO_RESERVED_MASK = 0xFFF0_0000_0000_0FF8
+# TDH.MNG.CREATE RDX: bits 15:0 HKID, the rest reserved.
+HKID_MASK = 0xFFFF
+# TDH.PHYMEM.CACHE.WB RCX.
+TDH_PHYMEM_CACHEWB_START_CMD = 0
+TDH_PHYMEM_CACHEWB_RESUME_CMD = 1
+
+
+class SeptLevel(enum.IntEnum):
+    """S-EPT levels as the ABI numbers them (Linux: pg_level - 1)."""
+
+    LVL_PT = 0  # 4 KiB leaf
+    LVL_PD = 1
+    LVL_PDPT = 2
+    LVL_PML4 = 3
+    LVL_PML5 = 4
+
+
+class SeptState(enum.IntEnum):
+    """Architectural S-EPT entry states (RDX bits 15:8 of TDX_EPT_* errors; Linux tdx_arch.h)."""
+
+    FREE = 0
+    BLOCKED = 1
+    PENDING = 2
+    PENDING_BLOCKED = 3
+    MAPPED = 4
+
+
+SEPT_STATE_SHIFT = 8
+SEPTE_SUPPRESS_VE = 1 << 63  # architectural view of a FREE entry
+SEPTE_RWX = 0x7
+
+# TD_PARAMS (1024 bytes, 1024-aligned): see harness/seam/td_params.py.
+TD_PARAMS_SIZE = 1024
+TD_PARAMS_ALIGN = 1024
+CONFIG_FLAGS_GPAW = 1 << 0  # TDX_CONFIG_FLAGS_MAX_GPAW: the SHARED bit is GPA[51], not GPA[47]
+CONFIG_FLAGS_FLEXIBLE_PENDING_VE = 1 << 1
+CONFIG_FLAGS_NO_RBP_MOD = 1 << 2
+CONFIG_FLAGS_FIXED0 = CONFIG_FLAGS_GPAW | CONFIG_FLAGS_FLEXIBLE_PENDING_VE | CONFIG_FLAGS_NO_RBP_MOD
+CONFIG_FLAGS_FIXED1 = 0
+EPTP_MT_MASK = 0x7
+EPTP_MT_WB = 6
+EPTP_PWL_SHIFT = 3
+EPTP_PWL_MASK = 0x7
+EPTP_PWL_4 = 3  # page-walk length minus one
+EPTP_PWL_5 = 4
+MIN_PA_FOR_PML5 = 49
+VIRT_TSC_FREQUENCY_MIN = 4  # units of 25 MHz: 100 MHz
+VIRT_TSC_FREQUENCY_MAX = 400  # 10 GHz
+MAX_L2_VMS = 3
+
+# TD ATTRIBUTES bits.
+TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+TD_ATTR_MIGRATABLE = 1 << 29
+TD_ATTR_PKS = 1 << 30
+TD_ATTR_KL = 1 << 31
+TD_ATTR_PERFMON = 1 << 63
+
+# XFAM bits whose combinations the module checks.
+XFAM_AVX = 1 << 2
+XFAM_AVX512 = (1 << 5) | (1 << 6) | (1 << 7)  # opmask, ZMM_Hi256, Hi16_ZMM
+XFAM_CET = (1 << 11) | (1 << 12)
+XFAM_AMX = (1 << 17) | (1 << 18)
+
+# CPUID(7,0).EBX TSX bits: HLE and RTM must be virtualized alike.
+CPUID_7_0_EBX_HLE = 1 << 4
+CPUID_7_0_EBX_RTM = 1 << 11
+
+# TDH.MR.EXTEND measures 256 bytes per call (Linux TDX_EXTENDMR_CHUNKSIZE).
+MR_EXTEND_CHUNK = 256
+
+# --- Metadata field ids of TD-scope (TDR/TDCS) and vCPU-scope (TDVPS) fields ------------------
+# Bits 23:0 field code, 33:32 element size, 37:34 last element, 46:38 last field in sequence,
+# 50 inc size, 51 write mask valid, 54:52 context, 61:56 class, 63 non-architectural.
+FIELD_CODE_MASK = 0xFFFFFF
+FIELD_CLASS_SHIFT = 56
+FIELD_CLASS_MASK = 0x3F
+FIELD_NON_ARCH = 1 << 63
+# Bits that must be 0 in a single-element field id: reserved 31:24, 49:47, 55, 62, and the
+# LAST_ELEMENT_IN_FIELD / LAST_FIELD_IN_SEQUENCE fields.
+FIELD_SINGLE_ELEMENT_MUST_BE_ZERO = ((0xFF << 24) | (0xF << 34) | (0x1FF << 38) | (0x7 << 47) | (1 << 55)
+                                     | (1 << 62))
+
+
+class TdClass(enum.IntEnum):
+    """TDCS field classes (TDH.MNG.RD)."""
+
+    TD_MANAGEMENT = 16
+    TD_EXECUTION_CONTROLS = 17
+    TD_MEASUREMENT = 19
+    CPUID_VALUES = 20
+
+
+class TdvpsClass(enum.IntEnum):
+    """TDVPS field classes (TDH.VP.RD/WR; Linux tdx_arch.h)."""
+
+    VMCS = 0
+    GUEST_GPR = 16
+    OTHER_GUEST = 17
+    MANAGEMENT = 32
+
+
+class TdcsExecField(enum.IntEnum):
+    ATTRIBUTES = 0x0
+    XFAM = 0x1
+    MAX_VCPUS = 0x2
+    TSC_OFFSET = 0xA
+    TSC_MULTIPLIER = 0xB
+    TSC_FREQUENCY = 0xC
+
+
+class TdcsManagementField(enum.IntEnum):
+    NUM_VCPUS = 0x1
+    OP_STATE = 0x4
+
+
+class VmcsField(enum.IntEnum):
+    """TD VMCS fields the host may touch (field code = VMCS encoding)."""
+
+    POSTED_INTR_NV = 0x0002
+    POSTED_INTR_DESC_ADDR = 0x2016
+    SHARED_EPT_POINTER = 0x203C
+    PIN_BASED_VM_EXEC_CONTROL = 0x4000
+    SECONDARY_VM_EXEC_CONTROL = 0x401E
+    NOTIFY_WINDOW = 0x4024
+
+
+TDVPS_MANAGEMENT_PEND_NMI = 0xB
+TDVPS_VCPU_STATE_DETAILS = 0x100  # non-architectural, OTHER_GUEST class
+PIN_BASED_POSTED_INTR = 1 << 7
+SECONDARY_EXEC_BUS_LOCK_DETECTION = 1 << 30
+SECONDARY_EXEC_NOTIFY_VM_EXITING = 1 << 31
+
+# CPUID_VALUES field code: bit 0 element (0: EBX:EAX, 1: EDX:ECX), 7:1 subleaf, 8 subleaf n/a,
+# 15:9 leaf bits 6:0, 16 leaf bit 31.
+CPUID_NO_SUBLEAF = 0xFFFFFFFF
+
+
+def field_id(cls: int, code: int, non_arch: bool = False) -> int:
+    """A field id as Linux builds it (BUILD_TDX_FIELD): class and code, nothing else."""
+    return (FIELD_NON_ARCH if non_arch else 0) | (cls << FIELD_CLASS_SHIFT) | code
+
+
+def cpuid_field_code(leaf: int, subleaf: int, element: int) -> int:
+    sub = 0x1FE if subleaf == CPUID_NO_SUBLEAF else (subleaf & 0x7F) << 1
+    return ((1 if leaf & 0x80000000 else 0) << 16) | ((leaf & 0x7F) << 9) | sub | (element & 1)

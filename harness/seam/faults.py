@@ -40,9 +40,12 @@ class FaultRule:
         return f"{leaf} -> {abi.status_name(self.status)} [{', '.join(where) or 'every call'}]"
 
 
-def busy(leaf: int, calls: int, **match: Any) -> FaultRule:
-    """The leaf reports TDX_OPERAND_BUSY for ``calls`` matching calls, then works."""
-    return FaultRule(leaf=leaf, status=abi.Status.TDX_OPERAND_BUSY, times=calls, **match)
+def busy(leaf: int, calls: int, operand: abi.OperandId | None = None, **match: Any) -> FaultRule:
+    """The leaf reports TDX_OPERAND_BUSY for ``calls`` matching calls, then works. ``operand``
+    names the contended resource as the module does (e.g. ``OperandId.SEPT`` for the S-EPT
+    tree, ``TD_EPOCH`` for TDH.MEM.TRACK, ``KOT`` for the KeyID table, ``RCX`` for an operand)."""
+    status = abi.Status.TDX_OPERAND_BUSY if operand is None else abi.with_operand(abi.Status.TDX_OPERAND_BUSY, operand)
+    return FaultRule(leaf=leaf, status=status, times=calls, **match)
 
 
 def no_entropy(leaf: int, calls: int, **match: Any) -> FaultRule:

@@ -1,5 +1,6 @@
 """The software TDX module: global, per-LP and per-package state, and the host-initialization
-leaves Linux calls, with the statuses the real module returns for bad input and bad order.
+leaves Linux calls, with the statuses the real module returns for bad input and bad order. The
+TD-management leaves KVM calls live in td.py and are registered in ``_HANDLERS`` below.
 
 Lifecycle (as the real module): SYSINIT_PENDING -TDH.SYS.INIT-> SYSINIT_DONE -TDH.SYS.LP.INIT on
 every LP, TDH.SYS.CONFIG-> SYSCONFIG_DONE -TDH.SYS.KEY.CONFIG on every package-> SYS_READY
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from harness.seam import abi
+from harness.seam import abi, td
 from harness.seam.abi import Field, Leaf, OperandId, PageSize, PageType, Status
 from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
@@ -116,6 +117,12 @@ class ModuleState:
     tdmrs: list[TdmrState] = field(default_factory=list)
     pages: dict[int, PageOwner] = field(default_factory=dict)  # by PFN
     calls_per_leaf: dict[int, int] = field(default_factory=dict)
+    # TD management (harness/seam/td.py).
+    tds: dict[int, td.Td] = field(default_factory=dict)  # by TDR PA
+    vcpus: dict[int, td.Vcpu] = field(default_factory=dict)  # by TDVPR PA
+    kot: dict[int, td.KeyState] = field(default_factory=dict)  # KeyIDs not free, by HKID
+    wbinvd_pending: dict[int, set[int]] = field(default_factory=dict)  # HKID -> packages to write back
+    wbcache: dict[int, td.WbCacheProgress] = field(default_factory=dict)  # by package
 
 
 class TdxModule:
@@ -154,6 +161,10 @@ class TdxModule:
 
     def assign_page(self, pa: int, page_type: PageType, owner: int = 0) -> None:
         self.state.pages[pa >> 12] = PageOwner(page_type, owner)
+
+    def free_page(self, pa: int) -> None:
+        """The page is back to PT_NDA (reclaimed or removed from a TD)."""
+        self.state.pages.pop(pa >> 12, None)
 
     def page_type(self, pa: int) -> PageType:
         owner = self.state.pages.get(pa >> 12)
@@ -304,6 +315,7 @@ class TdxModule:
                 return status
         self.state.tdmrs = [TdmrState(info) for info in checker.accepted]
         self.state.global_keyid = hkid
+        self.state.kot[hkid] = td.KeyState.ASSIGNED  # the module's own KeyID is never free
         self.state.sys = SysState.SYSCONFIG_DONE
         return 0
 
@@ -357,14 +369,17 @@ class TdxModule:
                             r8=int(PageSize.PT_4KB))
         return 0
 
-    def phymem_cache_wb(self, call: _Call) -> int:
-        status = self._lp_ready(call)
-        if status:
-            return status
-        if call.reg("rcx") > 1:
-            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
-        # No TD has released its HKID yet: nothing is waiting for a cache write-back.
-        return Status.TDX_NO_HKID_READY_TO_WBCACHE
+
+
+def _when_ready(handler: td.Handler) -> td.Handler:
+    """TD-management leaves run only once the module is ready and the LP initialized (the
+    real dispatcher answers TDX_SYS_NOT_READY before looking at any operand)."""
+
+    @functools.wraps(handler)
+    def checked(module: TdxModule, call: _Call) -> int:
+        return module._sys_ready(call) or handler(module, call)
+
+    return checked
 
 
 _HANDLERS: dict[int, Handler] = {
@@ -376,9 +391,9 @@ _HANDLERS: dict[int, Handler] = {
     Leaf.TDH_SYS_TDMR_INIT: TdxModule.sys_tdmr_init,
     Leaf.TDH_SYS_DISABLE: TdxModule.sys_disable,
     Leaf.TDH_PHYMEM_PAGE_RDMD: TdxModule.phymem_page_rdmd,
-    Leaf.TDH_PHYMEM_CACHE_WB: TdxModule.phymem_cache_wb,
+    **{leaf: _when_ready(handler) for leaf, handler in td.HANDLERS.items()},
 }
-_MAX_VERSION: dict[int, int] = {}
+_MAX_VERSION: dict[int, int] = dict(td.MAX_VERSION)
 _KNOWN_LEAVES = frozenset(int(leaf) for leaf in Leaf)
 
 

@@ -85,14 +85,22 @@ class PlatformConfig:
     # latency of one SEAMCALL the same way).
     tdmr_init_chunk: int = abi.SZ_1G
     tdr_base_size: int = 4096
-    tdcs_base_size: int = 4 * 4096
-    tdvps_base_size: int = 5 * 4096
+    # What TDX 1.5 reports: MIN_NUM_TDCS_PAGES and MIN_TDVPS_PAGES (TDVPR + 5 TDCX) pages.
+    tdcs_base_size: int = 6 * 4096
+    tdvps_base_size: int = 6 * 4096
     attributes_fixed0: int = 0x80000000D0000001  # DEBUG, SEPT_VE_DISABLE, PKS, KL, PERFMON
     attributes_fixed1: int = 0
     xfam_fixed0: int = 0x000602E7
     xfam_fixed1: int = 0x00000003
     max_vcpus_per_td: int = 576
     cpuid_config: tuple[CpuidConfig, ...] = DEFAULT_CPUID_CONFIG
+    # IA32_VMX_EPT_VPID_CAP: whether 5-level EPT (GPAW 52) is available to TDs.
+    ept_pml5_supported: bool = False
+    # Native TSC frequency: TDH.MNG.INIT derives the TD's TSC multiplier from it.
+    tsc_frequency_hz: int = 2_000_000_000
+    # TDH.PHYMEM.CACHE.WB writes back this many cache sub-blocks per call before answering
+    # TDX_INTERRUPTED_RESUMABLE (1: one call does it all).
+    cache_wb_chunks: int = 1
 
     def __post_init__(self) -> None:
         if not self.cpus:
@@ -104,6 +112,10 @@ class PlatformConfig:
             raise ValueError("KeyID counts must be >= 0")
         if self.tdmr_init_chunk <= 0 or self.tdmr_init_chunk % abi.SZ_4K:
             raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
+        if self.cache_wb_chunks < 1:
+            raise ValueError("cache_wb_chunks must be >= 1")
+        if self.tdcs_base_size % abi.SZ_4K or self.tdvps_base_size < 2 * abi.SZ_4K:
+            raise ValueError("TDCS/TDVPS sizes are whole pages; TDVPS has a TDVPR and a TDCX at least")
 
     @property
     def tdx_keyid_start(self) -> int:
@@ -127,6 +139,20 @@ class PlatformConfig:
     def max_pa(self) -> int:
         """First physical address that is not usable memory: the HKID bits begin here."""
         return 1 << (self.max_pa_bits - self.hkid_bits)
+
+    @property
+    def hkid_shift(self) -> int:
+        """Bit position of the KeyID in a physical address."""
+        return self.max_pa_bits - self.hkid_bits
+
+    @property
+    def tdcs_pages(self) -> int:
+        return self.tdcs_base_size // abi.SZ_4K
+
+    @property
+    def tdcx_pages(self) -> int:
+        """TDCX pages per vCPU: TDVPS minus the TDVPR page."""
+        return self.tdvps_base_size // abi.SZ_4K - 1
 
     def package_of(self, apic_id: int) -> int | None:
         for cpu in self.cpus:

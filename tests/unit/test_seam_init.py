@@ -138,7 +138,7 @@ def test_unknown_and_unmodelled_leaves_and_versions():
     module, mem = fresh()
     invalid_rax = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
     assert call(module, mem, 0, 99).status == invalid_rax
-    assert call(module, mem, 0, Leaf.TDH_MNG_CREATE).status == invalid_rax
+    assert call(module, mem, 0, Leaf.TDH_SYS_UPDATE).status == invalid_rax
     assert module.trace.records[-1].note == "leaf not modelled by the software module yet"
     assert call(module, mem, 0, Leaf.TDH_SYS_INIT | (3 << 16)).status == invalid_rax
     assert call(module, mem, 0, abi.P_SEAMLDR_LEAF_BIT).status == Status.TDX_SEAMCALL_VMFAILINVALID

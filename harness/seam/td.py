@@ -1,0 +1,912 @@
+"""TD management: TDs, vCPUs, the Secure EPT and the leaves KVM (Linux 7.3) calls to build,
+run and tear them down, with the checks and statuses of the TDX module (TDX 1.5 behaviour).
+
+Life of a TD, as the module tracks it:
+- TDR lifecycle: TDH.MNG.CREATE -> HKID_ASSIGNED -TDH.MNG.KEY.CONFIG on every package->
+  KEYS_CONFIGURED -TDH.MNG.VPFLUSHDONE-> BLOCKED -TDH.MNG.KEY.FREEID-> TEARDOWN, after which
+  TDH.PHYMEM.PAGE.RECLAIM gives the pages back (the TDR last).
+- TDCS operation state: UNINITIALIZED -TDH.MNG.INIT-> INITIALIZED -TDH.MR.FINALIZE-> RUNNABLE.
+- KeyID (KOT entry): free -> ASSIGNED (TDH.MNG.CREATE) -> FLUSHED (TDH.MNG.VPFLUSHDONE) ->
+  free (TDH.MNG.KEY.FREEID, once TDH.PHYMEM.CACHE.WB ran on every package).
+Every page the module takes gets its PAMT type and owner (``TdxModule.assign_page``), so
+TDH.PHYMEM.PAGE.RDMD answers the MCE path truthfully, and every page goes back to PT_NDA.
+
+The handlers take the module and the call (see module.py); the check order inside each one is
+the module's, because the first failing check decides the status KVM sees.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from harness.seam import abi, td_params
+from harness.seam.abi import Leaf, OperandId, PageType, SeptState, Status
+from harness.seam.measure import MR_EXTEND_CHUNK, MrtdBuilder
+from harness.seam.memory import MemoryAccessError
+from harness.seam.td_params import CpuidValue, TdParams
+
+if TYPE_CHECKING:
+    from harness.seam.module import TdxModule, _Call
+
+MASK64 = (1 << 64) - 1
+PAGE = abi.SZ_4K
+
+
+class Lifecycle(enum.Enum):
+    HKID_ASSIGNED = "hkid-assigned"
+    KEYS_CONFIGURED = "keys-configured"
+    BLOCKED = "blocked"
+    TEARDOWN = "teardown"
+
+
+class OpState(enum.IntEnum):
+    UNINITIALIZED = 0
+    INITIALIZED = 1
+    RUNNABLE = 2
+
+
+class KeyState(enum.Enum):
+    """A KOT entry that is not free (free KeyIDs are simply absent)."""
+
+    ASSIGNED = "assigned"
+    FLUSHED = "flushed"
+
+
+class VcpuState(enum.Enum):
+    UNINITIALIZED = "uninitialized"
+    READY = "ready"
+
+
+@dataclass
+class SeptLeaf:
+    pa: int
+    state: SeptState
+    bepoch: int = 0  # TD epoch when the entry was blocked
+
+
+@dataclass
+class Vcpu:
+    tdvpr: int
+    tdr: int
+    tdcx: list[int] = field(default_factory=list)
+    state: VcpuState = VcpuState.UNINITIALIZED
+    assoc_cpu: int | None = None  # the LP the vCPU is associated with (VMCS loaded there)
+    x2apic_id: int | None = None
+    initial_rcx: int = 0
+    fields: dict[tuple[bool, int, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class Td:
+    tdr: int
+    hkid: int
+    lifecycle: Lifecycle = Lifecycle.HKID_ASSIGNED
+    keyed_packages: set[int] = field(default_factory=set)
+    tdcx: list[int] = field(default_factory=list)
+    op_state: OpState = OpState.UNINITIALIZED
+    params: TdParams | None = None
+    chldcnt: int = 0  # pages the TD owns besides its TDR
+    vcpus: list[int] = field(default_factory=list)  # TDVPR PAs, by VP.INIT index
+    num_assoc_vcpus: int = 0
+    epoch: int = 1
+    sept: dict[tuple[int, int], int] = field(default_factory=dict)  # (level, index) -> S-EPT page
+    leaves: dict[int, SeptLeaf] = field(default_factory=dict)  # 4K GPA -> leaf entry
+    contents: dict[int, bytes] = field(default_factory=dict)  # 4K GPA -> page as the TD sees it
+    measurement: MrtdBuilder = field(default_factory=MrtdBuilder)
+    mrtd: bytes = bytes(48)
+    tsc_offset: int = 0
+    tsc_multiplier: int = 0
+    cpuid: dict[tuple[int, int], CpuidValue] = field(default_factory=dict)
+
+    @property
+    def root_level(self) -> int:
+        """Level of the S-EPT root (a TDCS page): 3 for 4-level EPT, 4 for 5-level."""
+        return (self.params.ept_levels if self.params else 4) - 1
+
+    def private_gpa(self, gpa: int) -> bool:
+        width = 52 if self.params is not None and self.params.gpaw else 48
+        return gpa < 1 << width and not gpa & (1 << (width - 1))
+
+
+@dataclass
+class WbCacheProgress:
+    """A TDH.PHYMEM.CACHE.WB in progress on one package (the interruption point)."""
+
+    hkids: frozenset[int]
+    chunks_done: int = 0
+
+
+@dataclass(frozen=True)
+class MdField:
+    bits: int
+    rd_mask: int
+    wr_mask: int
+
+
+# TDVPS fields KVM reads or writes, with the host masks of the TDX 1.5 field tables.
+_VP_FIELDS: dict[tuple[bool, int, int], MdField] = {
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.POSTED_INTR_NV): MdField(16, 0xFFFF, 0xFFFF),
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.POSTED_INTR_DESC_ADDR): MdField(64, MASK64, MASK64 & ~0x3F),
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.SHARED_EPT_POINTER):
+        MdField(64, 0x000F_FFFF_FFFF_F000, 0x000F_FFFF_FFFF_F000),
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.PIN_BASED_VM_EXEC_CONTROL):
+        MdField(32, abi.PIN_BASED_POSTED_INTR, abi.PIN_BASED_POSTED_INTR),
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.SECONDARY_VM_EXEC_CONTROL):
+        MdField(32, abi.SECONDARY_EXEC_BUS_LOCK_DETECTION | abi.SECONDARY_EXEC_NOTIFY_VM_EXITING,
+                abi.SECONDARY_EXEC_BUS_LOCK_DETECTION | abi.SECONDARY_EXEC_NOTIFY_VM_EXITING),
+    (False, abi.TdvpsClass.VMCS, abi.VmcsField.NOTIFY_WINDOW): MdField(32, 0xFFFFFFFF, 0xFFFFFFFF),
+    (False, abi.TdvpsClass.MANAGEMENT, abi.TDVPS_MANAGEMENT_PEND_NMI): MdField(8, 0xFF, 0xFF),
+    (True, abi.TdvpsClass.OTHER_GUEST, abi.TDVPS_VCPU_STATE_DETAILS): MdField(64, MASK64, 0),
+}
+
+_INIT, _RUN = OpState.INITIALIZED, OpState.RUNNABLE
+# TDCS.OP_STATE in which each leaf is allowed (the module's seamcall_state_lookup).
+_OP_STATES: dict[int, frozenset[OpState]] = {
+    Leaf.TDH_MNG_INIT: frozenset({OpState.UNINITIALIZED}),
+    Leaf.TDH_VP_CREATE: frozenset({_INIT}),
+    Leaf.TDH_VP_ADDCX: frozenset({_INIT}),
+    Leaf.TDH_VP_INIT: frozenset({_INIT}),
+    Leaf.TDH_MEM_PAGE_ADD: frozenset({_INIT}),
+    Leaf.TDH_MR_EXTEND: frozenset({_INIT}),
+    Leaf.TDH_MR_FINALIZE: frozenset({_INIT}),
+    Leaf.TDH_MEM_SEPT_ADD: frozenset({_INIT, _RUN}),
+    Leaf.TDH_MEM_PAGE_AUG: frozenset({_INIT, _RUN}),
+    Leaf.TDH_MEM_RANGE_BLOCK: frozenset({_INIT, _RUN}),
+    Leaf.TDH_MEM_TRACK: frozenset({_INIT, _RUN}),
+    Leaf.TDH_MEM_PAGE_REMOVE: frozenset({_INIT, _RUN}),
+    Leaf.TDH_MNG_RD: frozenset({_INIT, _RUN}),
+    Leaf.TDH_VP_RD: frozenset({_INIT, _RUN}),
+    Leaf.TDH_VP_WR: frozenset({_INIT, _RUN}),
+}
+
+Handler = Callable[["TdxModule", "_Call"], int]
+
+
+def _op(status: Status, operand: OperandId) -> int:
+    return abi.with_operand(status, operand)
+
+
+# --- operand checks shared by the leaves ----------------------------------------------------------
+
+
+def private_page_status(module: TdxModule, pa: int, operand: OperandId, expected: PageType) -> int:
+    """check_and_lock_explicit_4k_private_hpa(): aligned, no KeyID bits, inside an initialized
+    TDMR, and the PAMT says ``expected``."""
+    if pa % PAGE or pa >= module.platform.max_pa:
+        return _op(Status.TDX_OPERAND_INVALID, operand)
+    tdmr = module._tdmr_of(pa)
+    if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:
+        return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
+    if module.page_type(pa) != expected:
+        return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand)
+    return 0
+
+
+def shared_page_ok(module: TdxModule, pa: int, alignment: int) -> bool:
+    """shared_hpa_check_with_pwr_2_alignment(): aligned, below MAXPA, shared (MKTME) KeyID."""
+    platform = module.platform
+    return (pa % alignment == 0 and pa < 1 << platform.max_pa_bits
+            and pa >> platform.hkid_shift < platform.tdx_keyid_start)
+
+
+def _explicit_tdr(module: TdxModule, call: _Call, reg: str, operand: OperandId) -> tuple[int, Td | None]:
+    pa = call.reg(reg)
+    status = private_page_status(module, pa, operand, PageType.PT_TDR)
+    if status:
+        return status, None
+    td = module.state.tds.get(pa)
+    if td is None:
+        call.note = "PT_TDR page without TD state in the model"
+        return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand), None
+    return 0, td
+
+
+def _explicit_vcpu(module: TdxModule, call: _Call, reg: str, operand: OperandId) -> tuple[int, Vcpu | None, Td | None]:
+    pa = call.reg(reg)
+    status = private_page_status(module, pa, operand, PageType.PT_TDVPR)
+    if status:
+        return status, None, None
+    vcpu = module.state.vcpus.get(pa)
+    if vcpu is None:
+        call.note = "PT_TDVPR page without vCPU state in the model"
+        return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand), None, None
+    return 0, vcpu, module.state.tds[vcpu.tdr]
+
+
+def _build_state(module: TdxModule, td: Td, leaf: Leaf) -> int:
+    """check_state_map_tdcs_and_lock(): keys configured, TDCS complete, OP_STATE allows ``leaf``."""
+    if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
+        return Status.TDX_TD_KEYS_NOT_CONFIGURED
+    if len(td.tdcx) < module.platform.tdcs_pages:
+        return Status.TDX_TDCS_NOT_ALLOCATED
+    if td.op_state not in _OP_STATES[leaf]:
+        return Status.TDX_OP_STATE_INCORRECT
+    return 0
+
+
+def _take_page(module: TdxModule, td: Td, pa: int, page_type: PageType) -> None:
+    module.assign_page(pa, page_type, owner=td.tdr)
+    td.chldcnt += 1
+
+
+# --- Secure EPT ---------------------------------------------------------------------------------
+
+
+def _entry_span(level: int) -> int:
+    """Bytes one entry at ``level`` maps."""
+    return 1 << (12 + 9 * level)
+
+
+def _table_key(level: int, gpa: int) -> tuple[int, int]:
+    """The S-EPT table of ``level`` that covers ``gpa`` (it spans 512 entries)."""
+    return level, gpa // (_entry_span(level) * 512)
+
+
+def _walk(td: Td, gpa: int, target: int) -> int:
+    """Walk from the root towards ``target``; return the level of the deepest table reached."""
+    level = td.root_level
+    while level > target and _table_key(level - 1, gpa) in td.sept:
+        level -= 1
+    return level
+
+
+def _entry(td: Td, gpa: int, level: int) -> tuple[SeptState, int]:
+    """State and architectural value of the entry at ``level`` for ``gpa``."""
+    if level == 0:
+        leaf = td.leaves.get(gpa - gpa % PAGE)
+        if leaf is None:
+            return SeptState.FREE, abi.SEPTE_SUPPRESS_VE
+        rwx = abi.SEPTE_RWX if leaf.state is SeptState.MAPPED else 0
+        return leaf.state, leaf.pa | rwx
+    table = td.sept.get(_table_key(level - 1, gpa))
+    if table is None:
+        return SeptState.FREE, abi.SEPTE_SUPPRESS_VE
+    return SeptState.MAPPED, table | abi.SEPTE_RWX
+
+
+def _sept_details(call: _Call, td: Td, gpa: int, level: int) -> None:
+    """set_arch_septe_details_in_vmm_regs(): RCX = the entry, RDX = level and state."""
+    state, value = _entry(td, gpa, level)
+    call.outputs.update(rcx=value, rdx=level | (int(state) << abi.SEPT_STATE_SHIFT))
+
+
+def _page_info(rcx: int, min_level: int, max_level: int) -> tuple[int, int] | None:
+    """verify_page_info_input(): reserved bits clear, level in range, GPA aligned to it."""
+    level = rcx & abi.PAGE_INFO_LEVEL_MASK
+    gpa = rcx & ~(abi.PAGE_INFO_RESERVED_MASK | abi.PAGE_INFO_LEVEL_MASK)
+    if rcx & abi.PAGE_INFO_RESERVED_MASK or not min_level <= level <= max_level or gpa % _entry_span(level):
+        return None
+    return gpa, level
+
+
+# --- TD creation -------------------------------------------------------------------------------------
+
+
+def mng_create(module: TdxModule, call: _Call) -> int:
+    hkid_input = call.reg("rdx")
+    hkid = hkid_input & abi.HKID_MASK
+    if hkid_input & ~abi.HKID_MASK or hkid not in module.platform.tdx_keyids:
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
+    tdr = call.reg("rcx")
+    status = private_page_status(module, tdr, OperandId.RCX, PageType.PT_NDA)
+    if status:
+        return status
+    if hkid in module.state.kot:
+        return Status.TDX_HKID_NOT_FREE
+    module.state.kot[hkid] = KeyState.ASSIGNED
+    module.state.tds[tdr] = Td(tdr=tdr, hkid=hkid)
+    module.assign_page(tdr, PageType.PT_TDR)
+    return 0
+
+
+def mng_key_config(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    if td.lifecycle is not Lifecycle.HKID_ASSIGNED:
+        return Status.TDX_LIFECYCLE_STATE_INCORRECT
+    assert call.package is not None
+    if call.package in td.keyed_packages:
+        return Status.TDX_KEY_CONFIGURED
+    td.keyed_packages.add(call.package)
+    if td.keyed_packages == set(module.platform.packages):
+        td.lifecycle = Lifecycle.KEYS_CONFIGURED
+    return 0
+
+
+def mng_addcx(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
+        return Status.TDX_TD_KEYS_NOT_CONFIGURED
+    if len(td.tdcx) >= module.platform.tdcs_pages:
+        return Status.TDX_TDCX_NUM_INCORRECT
+    page = call.reg("rcx")
+    status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
+    if status:
+        return status
+    td.tdcx.append(page)
+    _take_page(module, td, page, PageType.PT_TDCX)
+    return 0
+
+
+def mng_init(module: TdxModule, call: _Call) -> int:
+    call.outputs["rcx"] = 0  # no extended error unless a CPUID leaf is refused
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MNG_INIT)
+    if status:
+        return status
+    params_pa = call.reg("rdx")
+    if not shared_page_ok(module, params_pa, abi.TD_PARAMS_ALIGN):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
+    platform = module.platform
+    try:
+        raw = call.memory.read(params_pa & ((1 << platform.hkid_shift) - 1), abi.TD_PARAMS_SIZE)
+    except MemoryAccessError as err:
+        call.note = str(err)
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
+    params = TdParams.unpack(raw, len(platform.cpuid_config))
+    verdict = td_params.check(params, platform, len(td.tdcx))
+    if verdict.status:
+        call.outputs["rcx"] = verdict.rcx
+        return verdict.status
+    td.params = params
+    td.epoch = 1
+    td.measurement = MrtdBuilder()
+    td.tsc_multiplier = (params.tsc_frequency * 25_000_000 << 48) // platform.tsc_frequency_hz
+    native_tsc = int(module.trace.now() * platform.tsc_frequency_hz)
+    td.tsc_offset = -(native_tsc * td.tsc_multiplier >> 48) & MASK64  # virtual TSC starts at 0
+    td.cpuid = _td_cpuid(module, params)
+    td.op_state = OpState.INITIALIZED
+    return 0
+
+
+def _td_cpuid(module: TdxModule, params: TdParams) -> dict[tuple[int, int], CpuidValue]:
+    """The TD's virtual CPUID as far as the model knows it: the configured values, and leaves
+    0 and 0x80000000 giving the highest configured leaf of each range."""
+    values = {(c.leaf, 0 if c.subleaf == abi.CPUID_NO_SUBLEAF else c.subleaf): v
+              for c, v in zip(module.platform.cpuid_config, params.cpuid_values)}
+    basic = [leaf for leaf, _ in values if leaf < 0x80000000]
+    extended = [leaf for leaf, _ in values if leaf >= 0x80000000]
+    values.setdefault((0, 0), CpuidValue(eax=max(basic, default=0)))
+    values.setdefault((0x80000000, 0), CpuidValue(eax=max(extended, default=0x80000000)))
+    return values
+
+
+# --- vCPUs --------------------------------------------------------------------------------------------
+
+
+def vp_create(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_VP_CREATE)
+    if status:
+        return status
+    tdvpr = call.reg("rcx")
+    status = private_page_status(module, tdvpr, OperandId.RCX, PageType.PT_NDA)
+    if status:
+        return status
+    module.state.vcpus[tdvpr] = Vcpu(tdvpr=tdvpr, tdr=td.tdr)
+    _take_page(module, td, tdvpr, PageType.PT_TDVPR)
+    return 0
+
+
+def vp_addcx(module: TdxModule, call: _Call) -> int:
+    status, vcpu, td = _explicit_vcpu(module, call, "rdx", OperandId.RDX)
+    if vcpu is None or td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_VP_ADDCX)
+    if status:
+        return status
+    if vcpu.state is not VcpuState.UNINITIALIZED:
+        return Status.TDX_VCPU_STATE_INCORRECT
+    if len(vcpu.tdcx) >= module.platform.tdcx_pages:
+        return Status.TDX_TDCX_NUM_INCORRECT
+    page = call.reg("rcx")
+    status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
+    if status:
+        return status
+    vcpu.tdcx.append(page)
+    _take_page(module, td, page, PageType.PT_TDCX)
+    return 0
+
+
+def vp_init(module: TdxModule, call: _Call) -> int:
+    version = (call.request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
+    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    if vcpu is None or td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_VP_INIT)
+    if status:
+        return status
+    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+        return Status.TDX_TDCX_NUM_INCORRECT
+    if vcpu.state is not VcpuState.UNINITIALIZED:
+        return Status.TDX_VCPU_STATE_INCORRECT
+    assert td.params is not None
+    if len(td.vcpus) >= td.params.max_vcpus:
+        return Status.TDX_MAX_VCPUS_EXCEEDED
+    if version >= 1:
+        # Version 1 takes the vCPU's x2APIC ID in R8 (topology enumeration): 32 bits, unique.
+        x2apic_id = call.reg("r8")
+        if x2apic_id >> 32:
+            return _op(Status.TDX_OPERAND_INVALID, OperandId.R8)
+        taken = [module.state.vcpus[pa].x2apic_id for pa in td.vcpus]
+        if x2apic_id in taken:
+            return int(Status.TDX_X2APIC_ID_NOT_UNIQUE) | x2apic_id
+        vcpu.x2apic_id = x2apic_id
+    vcpu.initial_rcx = call.reg("rdx")
+    vcpu.state = VcpuState.READY
+    td.vcpus.append(vcpu.tdvpr)
+    _associate(td, vcpu, call.request.cpu)
+    return 0
+
+
+def _associate(td: Td, vcpu: Vcpu, cpu: int) -> int:
+    """associate_vcpu(): a vCPU runs its VMCS on one LP until TDH.VP.FLUSH."""
+    if vcpu.assoc_cpu is None:
+        vcpu.assoc_cpu = cpu
+        td.num_assoc_vcpus += 1
+    elif vcpu.assoc_cpu != cpu:
+        return Status.TDX_VCPU_ASSOCIATED
+    return 0
+
+
+def _field_key(fid: int) -> tuple[bool, int, int] | None:
+    """A single-element field id as (non-arch, class, field code); None if malformed. The
+    element size, context and write-mask-valid bits are ignored, as the module ignores them."""
+    if fid & abi.FIELD_SINGLE_ELEMENT_MUST_BE_ZERO:
+        return None
+    cls = (fid >> abi.FIELD_CLASS_SHIFT) & abi.FIELD_CLASS_MASK
+    return bool(fid & abi.FIELD_NON_ARCH), cls, fid & abi.FIELD_CODE_MASK
+
+
+def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
+    call.outputs["r8"] = 0
+    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    if vcpu is None or td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
+    if status:
+        return status
+    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+        return Status.TDX_TDCX_NUM_INCORRECT
+    status = _associate(td, vcpu, call.request.cpu)
+    if status:
+        return status
+    key = _field_key(call.reg("rdx"))
+    md = _VP_FIELDS.get(key) if key is not None else None
+    if key is None or md is None:
+        return Status.TDX_METADATA_FIELD_ID_INCORRECT
+    old = vcpu.fields.get(key, 0)
+    if write:
+        mask = md.wr_mask & call.reg("r9")
+        if not mask:
+            return Status.TDX_METADATA_FIELD_NOT_WRITABLE
+        vcpu.fields[key] = ((old & ~mask) | (call.reg("r8") & mask)) & ((1 << md.bits) - 1)
+    elif not md.rd_mask:
+        return Status.TDX_METADATA_FIELD_NOT_READABLE
+    call.outputs["r8"] = old & md.rd_mask
+    return 0
+
+
+def vp_rd(module: TdxModule, call: _Call) -> int:
+    return _vp_rd_wr(module, call, write=False)
+
+
+def vp_wr(module: TdxModule, call: _Call) -> int:
+    return _vp_rd_wr(module, call, write=True)
+
+
+def mng_rd(module: TdxModule, call: _Call) -> int:
+    call.outputs["r8"] = 0
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MNG_RD)
+    if status:
+        return status
+    key = _field_key(call.reg("rdx"))
+    value = _td_field(td, key) if key is not None else None
+    if value is None:
+        return Status.TDX_METADATA_FIELD_ID_INCORRECT
+    call.outputs["r8"] = value
+    return 0
+
+
+def _td_field(td: Td, key: tuple[bool, int, int]) -> int | None:
+    """TDCS fields KVM reads (and a few more that tests find useful)."""
+    non_arch, cls, code = key
+    params = td.params
+    assert params is not None  # TDH.MNG.RD needs OP_STATE >= INITIALIZED
+    if (non_arch, cls) == (False, abi.TdClass.TD_EXECUTION_CONTROLS):
+        execution: dict[int, int] = {
+                abi.TdcsExecField.ATTRIBUTES: params.attributes, abi.TdcsExecField.XFAM: params.xfam,
+                abi.TdcsExecField.MAX_VCPUS: params.max_vcpus, abi.TdcsExecField.TSC_OFFSET: td.tsc_offset,
+                abi.TdcsExecField.TSC_MULTIPLIER: td.tsc_multiplier,
+                abi.TdcsExecField.TSC_FREQUENCY: params.tsc_frequency}
+        return execution.get(code)
+    if (non_arch, cls) == (True, abi.TdClass.TD_MANAGEMENT):
+        management: dict[int, int] = {abi.TdcsManagementField.NUM_VCPUS: len(td.vcpus),
+                                      abi.TdcsManagementField.OP_STATE: int(td.op_state)}
+        return management.get(code)
+    if (non_arch, cls) == (False, abi.TdClass.TD_MEASUREMENT) and code < 6:
+        return int.from_bytes(td.mrtd[8 * code:8 * code + 8], "little")  # MRTD, element by element
+    if (non_arch, cls) == (True, abi.TdClass.CPUID_VALUES):
+        return _cpuid_field(td, code)
+    return None
+
+
+def _cpuid_field(td: Td, code: int) -> int | None:
+    if code >> 17:
+        return None
+    leaf = ((code >> 9) & 0x7F) | (0x80000000 if code >> 16 & 1 else 0)
+    subleaf = 0 if code >> 8 & 1 else (code >> 1) & 0x7F
+    value = td.cpuid.get((leaf, subleaf))
+    if value is None:
+        return None
+    return (value.edx << 32 | value.ecx) if code & 1 else (value.ebx << 32 | value.eax)
+
+
+# --- memory: S-EPT pages, private pages, measurement ------------------------------------------------
+
+
+def mem_sept_add(module: TdxModule, call: _Call) -> int:
+    call.outputs.update(rcx=0, rdx=0)
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MEM_SEPT_ADD)
+    if status:
+        return status
+    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PD, td.root_level)
+    if info is None or not td.private_gpa(info[0]):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    gpa, level = info
+    reached = _walk(td, gpa, level)
+    if reached != level:
+        _sept_details(call, td, gpa, reached)
+        return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX)
+    if _entry(td, gpa, level)[0] is not SeptState.FREE:
+        _sept_details(call, td, gpa, level)
+        return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX)
+    page = call.reg("r8")
+    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    if status:
+        return status
+    td.sept[_table_key(level - 1, gpa)] = page
+    _take_page(module, td, page, PageType.PT_EPT)
+    return 0
+
+
+def _leaf_target(module: TdxModule, call: _Call, td: Td, leaf: Leaf) -> tuple[int, int]:
+    """Common start of PAGE.ADD/AUG: state, a 4K private GPA, an S-EPT path to a FREE entry.
+    Returns (status, gpa)."""
+    status = _build_state(module, td, leaf)
+    if status:
+        return status, 0
+    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PT)
+    if info is None or not td.private_gpa(info[0]):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX), 0
+    gpa = info[0]
+    reached = _walk(td, gpa, 0)
+    if reached != 0:
+        _sept_details(call, td, gpa, reached)
+        return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX), gpa
+    if _entry(td, gpa, 0)[0] is not SeptState.FREE:
+        _sept_details(call, td, gpa, 0)
+        return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX), gpa
+    return 0, gpa
+
+
+def mem_page_add(module: TdxModule, call: _Call) -> int:
+    call.outputs.update(rcx=0, rdx=0)
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    status, gpa = _leaf_target(module, call, td, Leaf.TDH_MEM_PAGE_ADD)
+    if status:
+        return status
+    source = call.reg("r9")
+    if not shared_page_ok(module, source, PAGE):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.R9)
+    page = call.reg("r8")
+    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    if status:
+        return status
+    try:
+        # The module copies the source into the TD page; keep the TD's view for MR.EXTEND.
+        content = call.memory.read(source & ((1 << module.platform.hkid_shift) - 1), PAGE)
+    except MemoryAccessError as err:
+        call.note = str(err)
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.R9)
+    td.leaves[gpa] = SeptLeaf(page, SeptState.MAPPED)
+    td.contents[gpa] = content
+    td.measurement.page_add(gpa)
+    _take_page(module, td, page, PageType.PT_REG)
+    return 0
+
+
+def mem_page_aug(module: TdxModule, call: _Call) -> int:
+    call.outputs.update(rcx=0, rdx=0)
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    status, gpa = _leaf_target(module, call, td, Leaf.TDH_MEM_PAGE_AUG)
+    if status:
+        return status
+    page = call.reg("r8")
+    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    if status:
+        return status
+    # The guest must TDG.MEM.PAGE.ACCEPT it before use: the entry is PENDING until then.
+    td.leaves[gpa] = SeptLeaf(page, SeptState.PENDING)
+    td.contents[gpa] = bytes(PAGE)
+    _take_page(module, td, page, PageType.PT_REG)
+    return 0
+
+
+def mr_extend(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MR_EXTEND)
+    if status:
+        return status
+    gpa = call.reg("rcx")
+    if gpa % MR_EXTEND_CHUNK or not td.private_gpa(gpa):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    page_gpa = gpa - gpa % PAGE
+    leaf = td.leaves.get(page_gpa)
+    if leaf is None or leaf.state is not SeptState.MAPPED:
+        _sept_details(call, td, gpa, _walk(td, gpa, 0))
+        return _op(Status.TDX_EPT_ENTRY_NOT_PRESENT, OperandId.RCX)
+    offset = gpa - page_gpa
+    td.measurement.mr_extend(gpa, td.contents[page_gpa][offset:offset + MR_EXTEND_CHUNK])
+    return 0
+
+
+def mr_finalize(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MR_FINALIZE)
+    if status:
+        return status
+    if not td.vcpus:
+        return Status.TDX_NO_VCPUS
+    td.mrtd = td.measurement.finalize()
+    td.op_state = OpState.RUNNABLE
+    return 0
+
+
+# --- removing private pages (the S-EPT zap path) ------------------------------------------------------
+
+
+def _leaf_to_zap(module: TdxModule, call: _Call, leaf_fn: Leaf) -> tuple[int, Td | None, int]:
+    """Common start of RANGE.BLOCK and PAGE.REMOVE. Returns (status, td, gpa)."""
+    call.outputs.update(rcx=0, rdx=0)
+    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    if td is None:
+        return status, None, 0
+    status = _build_state(module, td, leaf_fn)
+    if status:
+        return status, None, 0
+    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PDPT)
+    if info is None or not td.private_gpa(info[0]):
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX), None, 0
+    gpa, level = info
+    reached = _walk(td, gpa, level)
+    if reached != level:
+        _sept_details(call, td, gpa, reached)
+        return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX), None, 0
+    if level != 0 or gpa not in td.leaves:
+        # Free entries, and non-leaf ones (KVM never blocks or removes those: the model neither).
+        if level and _entry(td, gpa, level)[0] is not SeptState.FREE:
+            call.note = "blocking/removing a non-leaf S-EPT entry is not modelled"
+        _sept_details(call, td, gpa, level)
+        return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX), None, 0
+    return 0, td, gpa
+
+
+def mem_range_block(module: TdxModule, call: _Call) -> int:
+    status, td, gpa = _leaf_to_zap(module, call, Leaf.TDH_MEM_RANGE_BLOCK)
+    if td is None:
+        return status
+    leaf = td.leaves[gpa]
+    if leaf.state in (SeptState.BLOCKED, SeptState.PENDING_BLOCKED):
+        return Status.TDX_GPA_RANGE_ALREADY_BLOCKED
+    leaf.state = SeptState.BLOCKED if leaf.state is SeptState.MAPPED else SeptState.PENDING_BLOCKED
+    leaf.bepoch = td.epoch
+    return 0
+
+
+def mem_track(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_MEM_TRACK)
+    if status:
+        return status
+    # No vCPU runs in the model, so the previous epoch never has references left.
+    td.epoch += 1
+    return 0
+
+
+def mem_page_remove(module: TdxModule, call: _Call) -> int:
+    status, td, gpa = _leaf_to_zap(module, call, Leaf.TDH_MEM_PAGE_REMOVE)
+    if td is None:
+        return status
+    leaf = td.leaves[gpa]
+    # Before the TD ever ran no vCPU can cache a translation: blocking and tracking are needed
+    # only once it is RUNNABLE, and only for pages the guest could have reached.
+    if td.op_state is OpState.RUNNABLE and leaf.state is not SeptState.PENDING:
+        if leaf.state is not SeptState.BLOCKED and leaf.state is not SeptState.PENDING_BLOCKED:
+            _sept_details(call, td, gpa, 0)
+            return _op(Status.TDX_GPA_RANGE_NOT_BLOCKED, OperandId.RCX)
+        if not leaf.bepoch < td.epoch:
+            return _op(Status.TDX_TLB_TRACKING_NOT_DONE, OperandId.RCX)
+    del td.leaves[gpa]
+    td.contents.pop(gpa, None)
+    module.free_page(leaf.pa)
+    td.chldcnt -= 1
+    call.outputs["rcx"] = leaf.pa
+    return 0
+
+
+def phymem_page_wbinvd(module: TdxModule, call: _Call) -> int:
+    # RCX carries the KeyID above the PA bits; the page itself must be free again.
+    pa = call.reg("rcx") & ((1 << module.platform.hkid_shift) - 1)
+    return private_page_status(module, pa, OperandId.RCX, PageType.PT_NDA)
+
+
+# --- teardown -------------------------------------------------------------------------------------------
+
+
+def vp_flush(module: TdxModule, call: _Call) -> int:
+    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    if vcpu is None or td is None:
+        return status
+    if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
+        return Status.TDX_TD_KEYS_NOT_CONFIGURED
+    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+        return Status.TDX_TDCX_NUM_INCORRECT
+    if vcpu.assoc_cpu != call.request.cpu:
+        return Status.TDX_VCPU_NOT_ASSOCIATED
+    vcpu.assoc_cpu = None
+    td.num_assoc_vcpus -= 1
+    return 0
+
+
+def mng_vpflushdone(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    if td.lifecycle not in (Lifecycle.HKID_ASSIGNED, Lifecycle.KEYS_CONFIGURED):
+        return Status.TDX_LIFECYCLE_STATE_INCORRECT
+    if (len(td.tdcx) >= module.platform.tdcs_pages and td.op_state is not OpState.UNINITIALIZED
+            and td.num_assoc_vcpus):
+        call.note = f"{td.num_assoc_vcpus} vCPU(s) still associated"
+        return Status.TDX_FLUSHVP_NOT_DONE
+    # From now on no LP uses the KeyID; every package must write back its caches for it.
+    module.state.wbinvd_pending[td.hkid] = set(module.platform.packages)
+    module.state.kot[td.hkid] = KeyState.FLUSHED
+    td.lifecycle = Lifecycle.BLOCKED
+    return 0
+
+
+def phymem_cache_wb(module: TdxModule, call: _Call) -> int:
+    cmd = call.reg("rcx")
+    if cmd > abi.TDH_PHYMEM_CACHEWB_RESUME_CMD:
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    assert call.package is not None
+    progress = module.state.wbcache.get(call.package)
+    if cmd == abi.TDH_PHYMEM_CACHEWB_START_CMD:
+        flushed = frozenset(h for h, s in module.state.kot.items() if s is KeyState.FLUSHED)
+        if not flushed:
+            module.state.wbcache.pop(call.package, None)
+            return Status.TDX_NO_HKID_READY_TO_WBCACHE
+        progress = module.state.wbcache[call.package] = WbCacheProgress(flushed)
+    elif progress is None or not progress.chunks_done:
+        return Status.TDX_WBCACHE_RESUME_ERROR
+    progress.chunks_done += 1
+    if progress.chunks_done < module.platform.cache_wb_chunks:
+        return Status.TDX_INTERRUPTED_RESUMABLE
+    del module.state.wbcache[call.package]
+    for hkid in progress.hkids:
+        module.state.wbinvd_pending.get(hkid, set()).discard(call.package)
+    return 0
+
+
+def mng_key_freeid(module: TdxModule, call: _Call) -> int:
+    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    if td is None:
+        return status
+    if td.lifecycle is not Lifecycle.BLOCKED:
+        return Status.TDX_LIFECYCLE_STATE_INCORRECT
+    if module.state.wbinvd_pending.get(td.hkid):
+        call.note = f"packages {sorted(module.state.wbinvd_pending[td.hkid])} not written back"
+        return Status.TDX_WBCACHE_NOT_COMPLETE
+    module.state.wbinvd_pending.pop(td.hkid, None)
+    del module.state.kot[td.hkid]
+    td.lifecycle = Lifecycle.TEARDOWN
+    return 0
+
+
+def phymem_page_reclaim(module: TdxModule, call: _Call) -> int:
+    call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0)
+    pa = call.reg("rcx")
+    if pa % PAGE or pa >= module.platform.max_pa:
+        return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    tdmr = module._tdmr_of(pa)
+    if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:
+        return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, OperandId.RCX)
+    owner = module.state.pages.get(pa >> 12)
+    if owner is None or owner.page_type in (PageType.PT_NDA, PageType.PT_RSVD):
+        return _op(Status.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
+    call.outputs.update(rcx=int(owner.page_type), rdx=owner.owner, r8=int(abi.PageSize.PT_4KB))
+    td = module.state.tds.get(pa if owner.page_type is PageType.PT_TDR else owner.owner)
+    if td is None:
+        call.note = "page typed by hand (assign_page) without TD state in the model"
+        return _op(Status.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
+    if owner.page_type is PageType.PT_TDR:
+        if td.lifecycle is not Lifecycle.TEARDOWN:
+            return Status.TDX_LIFECYCLE_STATE_INCORRECT
+        if td.chldcnt:
+            call.note = f"TD still owns {td.chldcnt} page(s)"
+            return Status.TDX_TD_ASSOCIATED_PAGES_EXIST
+        del module.state.tds[pa]
+    else:
+        if td.lifecycle is not Lifecycle.TEARDOWN:
+            return Status.TDX_LIFECYCLE_STATE_INCORRECT
+        _forget_page(module, td, pa, owner.page_type)
+        td.chldcnt -= 1
+    module.free_page(pa)
+    return 0
+
+
+def _forget_page(module: TdxModule, td: Td, pa: int, page_type: PageType) -> None:
+    """Drop the module's bookkeeping of a reclaimed TD page."""
+    if page_type is PageType.PT_TDVPR:
+        module.state.vcpus.pop(pa, None)
+    elif page_type is PageType.PT_EPT:
+        td.sept = {key: page for key, page in td.sept.items() if page != pa}
+    elif page_type is PageType.PT_REG:
+        td.leaves = {gpa: leaf for gpa, leaf in td.leaves.items() if leaf.pa != pa}
+
+
+HANDLERS: dict[int, Handler] = {
+    Leaf.TDH_MNG_CREATE: mng_create,
+    Leaf.TDH_MNG_KEY_CONFIG: mng_key_config,
+    Leaf.TDH_MNG_ADDCX: mng_addcx,
+    Leaf.TDH_MNG_INIT: mng_init,
+    Leaf.TDH_MNG_RD: mng_rd,
+    Leaf.TDH_VP_CREATE: vp_create,
+    Leaf.TDH_VP_ADDCX: vp_addcx,
+    Leaf.TDH_VP_INIT: vp_init,
+    Leaf.TDH_VP_RD: vp_rd,
+    Leaf.TDH_VP_WR: vp_wr,
+    Leaf.TDH_MEM_SEPT_ADD: mem_sept_add,
+    Leaf.TDH_MEM_PAGE_ADD: mem_page_add,
+    Leaf.TDH_MEM_PAGE_AUG: mem_page_aug,
+    Leaf.TDH_MR_EXTEND: mr_extend,
+    Leaf.TDH_MR_FINALIZE: mr_finalize,
+    Leaf.TDH_MEM_RANGE_BLOCK: mem_range_block,
+    Leaf.TDH_MEM_TRACK: mem_track,
+    Leaf.TDH_MEM_PAGE_REMOVE: mem_page_remove,
+    Leaf.TDH_PHYMEM_PAGE_WBINVD: phymem_page_wbinvd,
+    Leaf.TDH_VP_FLUSH: vp_flush,
+    Leaf.TDH_MNG_VPFLUSHDONE: mng_vpflushdone,
+    Leaf.TDH_PHYMEM_CACHE_WB: phymem_cache_wb,
+    Leaf.TDH_MNG_KEY_FREEID: mng_key_freeid,
+    Leaf.TDH_PHYMEM_PAGE_RECLAIM: phymem_page_reclaim,
+}
+# TDH.VP.INIT version 1 takes the x2APIC ID (Linux always uses it).
+MAX_VERSION: dict[int, int] = {Leaf.TDH_VP_INIT: 1}

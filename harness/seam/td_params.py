@@ -1,0 +1,184 @@
+"""TD_PARAMS, the 1024-byte TDH.MNG.INIT input, and the checks the module applies to it.
+
+Layout (TDX module ABI, TDX 1.5; Linux's struct td_params is the same bytes with the 1.5-only
+fields folded into its reserved arrays):
+
+  0  ATTRIBUTES (8)          8  XFAM (8)              16 MAX_VCPUS (2)
+  18 NUM_L2_VMS (1)          19 MSR_CONFIG_CTLS (1)   20 reserved (4)
+  24 EPTP_CONTROLS (8)       32 CONFIG_FLAGS (8)      40 TSC_FREQUENCY (2, units of 25 MHz)
+  42 reserved (38)           80 MRCONFIGID (48)       128 MROWNER (48)
+  176 MROWNERCONFIG (48)     224 IA32_ARCH_CAPABILITIES_CONFIG (8)
+  232 reserved (24)          256 CPUID_CONFIG values, 16 bytes each (EAX, EBX, ECX, EDX), in
+                                 the order of the CPUID_CONFIG leaves TDH.SYS.RD reports
+  256 + 16 * n .. 1024 reserved
+The checks run in the order the module runs them, so the first bad field decides the status.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from harness.seam import abi
+from harness.seam.abi import OperandId, Status
+from harness.seam.platform import PlatformConfig
+
+_HEADER = struct.Struct("<QQHBB4sQQH38s48s48s48sQ24s")
+CPUID_VALUES_OFFSET = 256
+CPUID_VALUE_SIZE = 16
+MSR_CONFIG_CTLS_IA32_ARCH_CAP = 1 << 0
+
+
+@dataclass(frozen=True)
+class CpuidValue:
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    @property
+    def regs(self) -> tuple[int, int, int, int]:
+        return self.eax, self.ebx, self.ecx, self.edx
+
+
+@dataclass(frozen=True)
+class TdParams:
+    attributes: int
+    xfam: int
+    max_vcpus: int
+    num_l2_vms: int
+    msr_config_ctls: int
+    reserved0: bytes
+    eptp_controls: int
+    config_flags: int
+    tsc_frequency: int
+    reserved1: bytes
+    mrconfigid: bytes
+    mrowner: bytes
+    mrownerconfig: bytes
+    ia32_arch_capabilities_config: int
+    reserved2: bytes
+    cpuid_values: tuple[CpuidValue, ...]
+    reserved3: bytes
+
+    @classmethod
+    def unpack(cls, data: bytes, num_cpuid_config: int) -> TdParams:
+        if len(data) != abi.TD_PARAMS_SIZE:
+            raise ValueError(f"TD_PARAMS is {abi.TD_PARAMS_SIZE} bytes, got {len(data)}")
+        (attributes, xfam, max_vcpus, num_l2_vms, msr_config_ctls, reserved0, eptp_controls, config_flags,
+         tsc_frequency, reserved1, mrconfigid, mrowner, mrownerconfig, arch_caps, reserved2) = _HEADER.unpack_from(data)
+        values = tuple(CpuidValue(*struct.unpack_from("<IIII", data, CPUID_VALUES_OFFSET + CPUID_VALUE_SIZE * i))
+                       for i in range(num_cpuid_config))
+        return cls(attributes=attributes, xfam=xfam, max_vcpus=max_vcpus, num_l2_vms=num_l2_vms,
+                   msr_config_ctls=msr_config_ctls, reserved0=reserved0, eptp_controls=eptp_controls,
+                   config_flags=config_flags, tsc_frequency=tsc_frequency, reserved1=reserved1,
+                   mrconfigid=mrconfigid, mrowner=mrowner, mrownerconfig=mrownerconfig,
+                   ia32_arch_capabilities_config=arch_caps, reserved2=reserved2, cpuid_values=values,
+                   reserved3=data[CPUID_VALUES_OFFSET + CPUID_VALUE_SIZE * num_cpuid_config:])
+
+    @property
+    def gpaw(self) -> bool:
+        return bool(self.config_flags & abi.CONFIG_FLAGS_GPAW)
+
+    @property
+    def ept_levels(self) -> int:
+        return ((self.eptp_controls >> abi.EPTP_PWL_SHIFT) & abi.EPTP_PWL_MASK) + 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of TDH.MNG.INIT's checks: the status, and RCX (the extended error: the
+    CPUID leaf/subleaf that was refused, else 0)."""
+
+    status: int
+    rcx: int = 0
+
+
+def _invalid(operand: OperandId, rcx: int = 0) -> Verdict:
+    return Verdict(abi.with_operand(Status.TDX_OPERAND_INVALID, operand), rcx)
+
+
+def _attributes_ok(attributes: int, platform: PlatformConfig) -> bool:
+    if attributes & ~platform.attributes_fixed0:
+        return False
+    if attributes & platform.attributes_fixed1 != platform.attributes_fixed1:
+        return False
+    # A migratable TD can be neither a debug TD nor use PERFMON.
+    return not (attributes & abi.TD_ATTR_MIGRATABLE
+                and attributes & (abi.TD_ATTR_DEBUG | abi.TD_ATTR_PERFMON))
+
+
+def _all_or_none(value: int, bits: int) -> bool:
+    return value & bits in (0, bits)
+
+
+def _xfam_ok(xfam: int, platform: PlatformConfig) -> bool:
+    # XFAM_FIXED0 as TDH.SYS.RD reports it already folds in what the CPU supports.
+    if xfam & ~platform.xfam_fixed0 or xfam & platform.xfam_fixed1 != platform.xfam_fixed1:
+        return False
+    if xfam & abi.XFAM_AVX512 and not xfam & abi.XFAM_AVX:
+        return False
+    return all(_all_or_none(xfam, bits) for bits in (abi.XFAM_AVX512, abi.XFAM_CET, abi.XFAM_AMX))
+
+
+def _eptp_ok(eptp: int, gpaw: bool, platform: PlatformConfig) -> bool:
+    pwl = (eptp >> abi.EPTP_PWL_SHIFT) & abi.EPTP_PWL_MASK
+    max_pwl = abi.EPTP_PWL_5 if platform.ept_pml5_supported else abi.EPTP_PWL_4
+    # Only memory type and page-walk length may be set: A/D, SSS, reserved and the base PA
+    # (the module points EPTP at its own S-EPT root) must be 0.
+    if eptp & abi.EPTP_MT_MASK != abi.EPTP_MT_WB or not abi.EPTP_PWL_4 <= pwl <= max_pwl:
+        return False
+    if eptp & ~((abi.EPTP_PWL_MASK << abi.EPTP_PWL_SHIFT) | abi.EPTP_MT_MASK):
+        return False
+    if pwl == abi.EPTP_PWL_5 and platform.max_pa_bits < abi.MIN_PA_FOR_PML5:
+        return False
+    # A SHARED bit at GPA[51] needs a 5-level S-EPT.
+    return not (gpaw and pwl < abi.EPTP_PWL_5)
+
+
+def _cpuid_verdict(params: TdParams, platform: PlatformConfig) -> Verdict:
+    for config, value in zip(platform.cpuid_config, params.cpuid_values):
+        allowed = (config.eax, config.ebx, config.ecx, config.edx)
+        if any(v & ~a for v, a in zip(value.regs, allowed)):
+            return _invalid(OperandId.CPUID_CONFIG, config.leaves_field)
+        if (config.leaf, config.subleaf) == (7, 0):
+            hle, rtm = bool(value.ebx & abi.CPUID_7_0_EBX_HLE), bool(value.ebx & abi.CPUID_7_0_EBX_RTM)
+            if hle != rtm:
+                return _invalid(OperandId.CPUID_CONFIG)
+    return Verdict(0)
+
+
+def check(params: TdParams, platform: PlatformConfig, tdcs_pages: int) -> Verdict:
+    """TDH.MNG.INIT's TD_PARAMS checks (read_and_set_td_configurations, then the CPUID
+    configuration), in the module's order. ``tdcs_pages``: TDCS pages the TD has."""
+    if not _attributes_ok(params.attributes, platform):
+        return _invalid(OperandId.ATTRIBUTES)
+    if not _xfam_ok(params.xfam, platform):
+        return _invalid(OperandId.XFAM)
+    if params.max_vcpus == 0:
+        return _invalid(OperandId.MAX_VCPUS)
+    if params.num_l2_vms > abi.MAX_L2_VMS:
+        return _invalid(OperandId.NUM_L2_VMS)
+    # Each L2 VM needs TDCS pages beyond TDCS_BASE_SIZE, which the model never hands out.
+    if params.num_l2_vms or tdcs_pages < platform.tdcs_base_size // abi.SZ_4K:
+        return Verdict(Status.TDX_TDCS_NOT_ALLOCATED)
+    if any(params.reserved0):
+        return _invalid(OperandId.RDX)
+    flags = params.config_flags
+    if flags & ~abi.CONFIG_FLAGS_FIXED0 or flags & abi.CONFIG_FLAGS_FIXED1 != abi.CONFIG_FLAGS_FIXED1:
+        return _invalid(OperandId.EXEC_CONTROLS)
+    if not _eptp_ok(params.eptp_controls, params.gpaw, platform):
+        return _invalid(OperandId.EPTP_CONTROLS)
+    if not abi.VIRT_TSC_FREQUENCY_MIN <= params.tsc_frequency <= abi.VIRT_TSC_FREQUENCY_MAX:
+        return _invalid(OperandId.TSC_FREQUENCY)
+    if any(params.reserved1) or params.msr_config_ctls & ~MSR_CONFIG_CTLS_IA32_ARCH_CAP or any(params.reserved2):
+        return _invalid(OperandId.RDX)
+    verdict = _cpuid_verdict(params, platform)
+    if verdict.status:
+        return verdict
+    if any(params.reserved3):
+        return _invalid(OperandId.RDX)
+    # Without MSR_CONFIG_CTLS.IA32_ARCH_CAP there is nothing to configure.
+    if not params.msr_config_ctls & MSR_CONFIG_CTLS_IA32_ARCH_CAP and params.ia32_arch_capabilities_config:
+        return _invalid(OperandId.IA32_ARCH_CAPABILITIES_CONFIG)
+    return Verdict(0)
