@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.images.initramfs import InitramfsRequest, build_initramfs
+from harness.images.agent import build_guest_programs
+from harness.images.initramfs import GUEST_KERNEL, InitramfsRequest, build_initramfs
 from harness.kernel.build import BuildRequest, build, patch_series
 from harness.kernel.inspect import check_kernel
 from harness.kernel.source import debian_source, user_tree
+from harness.lock import file_lock
 from harness.machine.base import Boot
 from harness.machine.qemu import QemuConfig, QemuMachine
 from harness.seam.faults import FaultPlan
@@ -24,6 +26,8 @@ from harness.seam.platform import PlatformConfig, cmrs_for_ram, qemu_topology
 from harness.seam.trace import Trace
 
 log = logging.getLogger("harness.launch")
+
+BUILD_LOCK_TIMEOUT = 3 * 3600.0  # a cold kernel build on a loaded 2-core machine
 
 
 @dataclass(frozen=True)
@@ -41,19 +45,31 @@ def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | 
     under the cache (same layout, so ccache still hits) and leaves the plain build alone."""
     if kernel is not None and kernel_tree is not None:
         raise ValueError("give --kernel or --kernel-tree, not both")
+    with file_lock(cache / "images.lock", "building the kernel and initramfs", BUILD_LOCK_TIMEOUT):
+        return _prepare_images(cache, kernel, kernel_tree, extra_patches)
+
+
+def _prepare_images(cache: Path, kernel: Path | None, kernel_tree: Path | None,
+                    extra_patches: Sequence[Path]) -> Images:
     if kernel is not None:
         check_kernel(kernel)
-        modules = None
-        initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs"))
-        return Images(kernel, initrd, modules, str(kernel))
+        return Images(kernel, _initramfs(cache, kernel, None), None, str(kernel))
     source = user_tree(kernel_tree) if kernel_tree is not None else debian_source(cache)
     request = BuildRequest(source=source, cache=cache)
     if extra_patches:
         request = _variant(request, extra_patches)
     result = build(request)
     check_kernel(result.bzimage)
-    initrd = build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=result.modules))
-    return Images(result.bzimage, initrd, result.modules, f"{source.identity} build {result.key}")
+    return Images(result.bzimage, _initramfs(cache, result.bzimage, result.modules), result.modules,
+                  f"{source.identity} build {result.key}")
+
+
+def _initramfs(cache: Path, kernel: Path, modules: Path | None) -> Path:
+    """The initramfs: busybox, kexec, the harness's guest programs, the kernel's modules, and the
+    kernel itself (for kexec)."""
+    files = {program.guest_path: program.binary for program in build_guest_programs(cache)}
+    files[GUEST_KERNEL] = kernel
+    return build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=modules, extra_files=files))
 
 
 def _variant(request: BuildRequest, extra_patches: Sequence[Path]) -> BuildRequest:

@@ -33,6 +33,7 @@ DEFAULT_KEXEC = Path("/sbin/kexec")  # Debian kexec-tools; dynamically linked (X
 REQUIRED_APPLETS = ("sh", "mount", "mkdir", "cat", "uname", "stty", "setsid", "cttyhack", "poweroff")
 # Directories the init script and `busybox --install -s` expect (it does not create them).
 BASE_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root")
+GUEST_KERNEL = "/boot/bzImage"  # the kernel the initramfs carries for kexec from inside the guest
 CONSOLE_DEVICE = (5, 1)  # /dev/console: the kernel opens it for init before devtmpfs is mounted
 # Part of the cache key: bump it when the same inputs should give a different archive.
 LAYOUT_VERSION = 1

@@ -70,6 +70,15 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def console_lines(self) -> list[str]: ...
 
+    def send(self, cmd: str) -> None:
+        """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send commands")
+
+    def reboot(self, timeout: float) -> str:
+        """Reboot from inside the guest and reset the platform (the module is reloaded, as
+        firmware reloads it); returns the new kernel's release once its shell is ready."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reboot")
+
     @abc.abstractmethod
     def power_off(self, timeout: float) -> int | None:
         """Power the guest off; returns the emulator's exit code."""

@@ -230,6 +230,22 @@ class Console:
             raw = self._between(start, (end_line, end.start()))
         return CommandResult(int(end.group(1)), command_output(raw, line, strip_printk))
 
+    def send(self, cmd: str) -> None:
+        """Send one command line without waiting for it to end: for commands after which the
+        shell never answers (reboot, kexec -e, a sysrq crash). Later waits start after it."""
+        if "\n" in cmd or "\r" in cmd:
+            raise ValueError(f"send() takes one command line, got {cmd!r}")
+        awaited = f"sending {cmd!r}"
+        with self._cond:
+            if self._closed:
+                raise ConsoleClosed("console already closed", awaited, self._tail(), self.log_path)
+            self._cursor = (len(self._lines) - 1, len(self._lines[-1]))
+        log.debug("console send: %s", cmd)
+        try:
+            self._sock.sendall(f"{cmd}\n".encode())
+        except OSError as exc:
+            raise ConsoleClosed(f"sending failed ({exc})", awaited, self._tail(), self.log_path) from exc
+
     def interact(self, stdin: TextIO, stdout: TextIO) -> None:
         """Hand the console to a person: stdin lines go to the guest shell, console text goes to
         stdout as it arrives, until stdin ends or the console closes."""

@@ -34,8 +34,9 @@ log = logging.getLogger("harness.machine.qemu")
 CONNECT_TIMEOUT = 30.0
 # The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
 # module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
-# that TCG lacks (the shim falls back to plain stores), and end the machine on panic.
-BASE_APPEND = "console=ttyS0 8250.nr_uarts=1 nohibernate setcpuid=movdir64b panic=-1 printk.time=1"
+# that TCG lacks (the shim falls back to plain stores), end the machine on panic, and keep the
+# initramfs readable (/sys/firmware/initrd) for kexec from inside the guest.
+BASE_APPEND = "console=ttyS0 8250.nr_uarts=1 nohibernate setcpuid=movdir64b panic=-1 printk.time=1 retain_initrd"
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,14 @@ class QemuConfig:
     cpus: int = 2
     sockets: int = 1
     numa: tuple[str, ...] = ()  # per-node memory sizes, e.g. ("1G", "3G")
+    dimm_slots: int = 0  # memory hotplug: DIMM slots and the most memory they may bring
+    maxmem: str | None = None
     cpu_model: str = "max"
     cpu_family_model: tuple[int, int] | None = None  # e.g. (6, 0x8F) for the partial-write erratum
     machine: str = "q35"
     accel: str = "tcg"
     qemu: str = "qemu-system-x86_64"
+    base_append: str = BASE_APPEND  # scenarios about these parameters (nohibernate) replace it
     extra_append: str = ""
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class QemuConfig:
             raise ValueError(f"{self.cpus} CPUs cannot be split evenly over {self.sockets} sockets")
         if self.numa and len(self.numa) > self.cpus:
             raise ValueError(f"{len(self.numa)} NUMA nodes need at least as many CPUs (have {self.cpus})")
+        if bool(self.dimm_slots) != bool(self.maxmem):
+            raise ValueError("memory hotplug needs both dimm_slots and maxmem")
 
     @property
     def cores_per_socket(self) -> int:
@@ -94,10 +100,9 @@ class QemuConfig:
         return [(0, below)] + ([(1 << 32, total - below)] if total > below else [])
 
     def memory_arg(self) -> str:
-        """-m: with NUMA nodes it must equal the sum of the nodes."""
-        if not self.numa:
-            return self.memory
-        return f"{sum(parse_size(size) for size in self.numa) >> 20}M"
+        """-m: with NUMA nodes it must equal the sum of the nodes; hotplug adds slots/maxmem."""
+        size = f"{sum(parse_size(size) for size in self.numa) >> 20}M" if self.numa else self.memory
+        return f"{size},slots={self.dimm_slots},maxmem={self.maxmem}" if self.dimm_slots else size
 
 
 def parse_size(text: str) -> int:
@@ -117,7 +122,7 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
     """The QEMU command line. ``seam_sock`` None leaves COM2 unconnected: no module answers."""
     seam = ["-chardev", f"socket,id=seam0,path={seam_sock}", "-serial", "chardev:seam0"] if seam_sock else \
         ["-serial", "null"]
-    append = " ".join(part for part in (BASE_APPEND, boot.append, config.extra_append) if part)
+    append = " ".join(part for part in (config.base_append, boot.append, config.extra_append) if part)
     return [
         config.qemu, "-machine", f"{config.machine},accel={config.accel}", "-cpu", config.cpu_arg(),
         "-m", config.memory_arg(),
@@ -239,6 +244,37 @@ class QemuMachine(Machine):
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
 
+    def send(self, cmd: str) -> None:
+        self._require_running().send(cmd)
+
+    def reboot(self, timeout: float) -> str:
+        """The guest reboots (``reboot -f``: reboot(2), through the kernel's shutdown path and
+        TDH.SYS.DISABLE). QEMU is told to pause instead of resetting, so the module is power-cycled
+        while no vCPU runs; then the machine is reset and resumed. Returns the new kernel's
+        release once its shell is ready."""
+        deadline = Deadline.after(timeout)
+        qmp = self.qmp()
+        qmp.command("set-action", reboot="shutdown", shutdown="pause")
+        qmp.clear_events()
+        self.send("reboot -f")
+        reason = qmp.wait_event("SHUTDOWN", deadline).get("data", {}).get("reason")
+        if reason != "guest-reset":
+            raise MachineBroken(f"expected the guest to reset, QEMU reports a shutdown for {reason!r}")
+        qmp.wait_status(deadline, "shutdown")
+        self.module.power_cycle()
+        # With reboot=shutdown (-no-reboot) QEMU would turn system_reset itself into a shutdown;
+        # and the firmware resets the machine again early in the next boot (seen with SeaBIOS):
+        # resets stay resets until the new kernel is up.
+        qmp.command("set-action", reboot="reset", shutdown="poweroff")
+        qmp.command("system_reset")
+        qmp.wait_event("RESET", deadline)
+        qmp.wait_status(deadline, "prelaunch", "paused")  # a reset out of "shutdown" lands in prelaunch
+        qmp.command("cont")
+        release = self.wait_ready(deadline.remaining())
+        qmp.command("set-action", reboot="shutdown")  # back to -no-reboot: a panic ends QEMU
+        log.info("guest rebooted into %s; module power-cycled at the reset", release)
+        return release
+
     def interact(self, stdin: TextIO, stdout: TextIO) -> None:
         self._require_running().interact(stdin, stdout)
 
@@ -273,27 +309,33 @@ class QemuMachine(Machine):
         return self.exitcode
 
     def stop(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        if self._console is not None:
-            self._console.close()  # close readers before waiting for QEMU (it may block on them)
-        if self._seam is not None:
-            self._seam.stop()
-            self._seam = None
-        self.module.trace.close()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
+        try:
+            if self._qmp is not None:
+                self._qmp.close()
+                self._qmp = None
+            if self._console is not None:
+                self._console.close()  # close readers before waiting for QEMU (it may block on them)
+            if self._seam is not None:
+                self._seam.stop()
+                self._seam = None
+            self.module.trace.close()
+        finally:
+            # Even when a close above raised or a second Ctrl-C landed in it: QEMU must not run
+            # on until the harness exits, and its sockets' directory must go.
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        if proc is not None:
-            self.exitcode = proc.returncode
-        shutil.rmtree(self._sock_dir, ignore_errors=True)
+                proc = self._proc
+                if proc is not None and proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait(timeout=10)
+                    except ProcessLookupError:
+                        pass
+                if proc is not None:
+                    self.exitcode = proc.returncode
+            finally:
+                shutil.rmtree(self._sock_dir, ignore_errors=True)
         if self.state is RunState.RUNNING:
             self.state = RunState.BROKEN if self._broken else RunState.STOPPED

@@ -51,5 +51,44 @@ class Qmp:
     def status(self) -> str:
         return str(self.command("query-status")["status"])
 
+    def wait_event(self, name: str, deadline: Deadline) -> dict[str, Any]:
+        """The next event called ``name`` (events before it are logged and dropped)."""
+        while True:
+            remaining = deadline.remaining()
+            try:
+                event = self._qmp.pull_event(wait=remaining) if remaining > 0 else None
+            except TimeoutError:
+                event = None
+            if event is None:
+                raise QmpError(f"no QMP event {name} within {deadline.seconds:.0f}s")
+            log.debug("QMP event %s", event)
+            if event.get("event") == name:
+                return dict(event)
+
+    def clear_events(self) -> None:
+        self._qmp.clear_events()
+
+    def wait_status(self, deadline: Deadline, *statuses: str) -> str:
+        """Poll query-status until QEMU's run state is one of ``statuses``; returns it."""
+        seen = self.status()
+        while seen not in statuses:
+            if deadline.expired():
+                raise QmpError(f"QEMU run state still {seen!r}, expected one of {statuses} within "
+                               f"{deadline.seconds:.0f}s")
+            time.sleep(0.05)
+            seen = self.status()
+        return seen
+
+    def add_dimm(self, name: str, size: int) -> int:
+        """Hot-plug a DIMM of ``size`` bytes backed by anonymous RAM; returns its guest
+        physical address (QEMU places it in the hotplug area above RAM)."""
+        backend: dict[str, Any] = {"qom-type": "memory-backend-ram", "id": f"{name}-ram", "size": size}
+        self.command("object-add", **backend)
+        self.command("device_add", driver="pc-dimm", id=name, memdev=f"{name}-ram")
+        for device in self.command("query-memory-devices"):
+            if device.get("data", {}).get("id") == name:
+                return int(device["data"]["addr"])
+        raise QmpError(f"DIMM {name} was added but query-memory-devices does not list it")
+
     def close(self) -> None:
         self._qmp.close()

@@ -40,6 +40,7 @@ RULES: tuple[tuple[Crash, re.Pattern[str]], ...] = (
     (Crash.MCE, re.compile(r"mce: \[Hardware Error\]|Machine check events logged")),
     (Crash.UNCHECKED_MSR, re.compile(r"unchecked MSR access error")),
     (Crash.SEAMCALL_FAILED, patterns.SEAMCALL_FAILED),
+    (Crash.SEAMCALL_FAILED, patterns.SYS_DISABLE_FAILED),
     (Crash.TDX_INIT_FAILED, patterns.INIT_FAILED),
 )
 

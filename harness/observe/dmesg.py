@@ -19,6 +19,8 @@ class Record:
     time: float  # seconds since boot (printk time)
     text: str
     boot: int  # 0 for the first kernel; +1 each time the printk clock restarts (reboot, kexec)
+    seq: int | None = None  # /dev/kmsg only: the kernel's record sequence number
+    level: int | None = None  # /dev/kmsg only: loglevel 0 (emerg) .. 7 (debug)
 
 
 def parse_console(lines: Iterable[str]) -> list[Record]:
@@ -37,6 +39,30 @@ def parse_console(lines: Iterable[str]) -> list[Record]:
     return records
 
 
+# /dev/kmsg: "<facility*8+level>,<seq>,<usec>,<flags>[,more];<text>"; continuation lines (key=value
+# dictionary entries) start with a space; non-printable bytes in the text arrive as \xHH.
+KMSG = re.compile(r"^(?P<prio>\d+),(?P<seq>\d+),(?P<usec>\d+),[^;]*;(?P<text>.*)$")
+_KMSG_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def parse_kmsg(lines: Iterable[str]) -> list[Record]:
+    """Kernel records as /dev/kmsg gives them (tdxh-kmsg in the guest prints them)."""
+    records: list[Record] = []
+    boot, last_seq = 0, -1
+    for line in lines:
+        match = KMSG.match(line.rstrip("\r\n"))
+        if match is None:
+            continue  # a continuation line, or something that is not a record
+        seq = int(match["seq"])
+        if seq <= last_seq:  # numbering restarted: a new kernel
+            boot += 1
+        last_seq = seq
+        text = _KMSG_ESCAPE.sub(lambda m: chr(int(m[1], 16)), match["text"])
+        records.append(Record(len(records), int(match["usec"]) / 1e6, text, boot, seq=seq,
+                              level=int(match["prio"]) & 7))
+    return records
+
+
 class TimelineError(AssertionError):
     """An expectation on the kernel log failed; the message is meant to be read in a test report."""
 
@@ -49,6 +75,10 @@ class Timeline:
     @classmethod
     def from_console(cls, lines: Iterable[str], source: Path | None = None) -> Timeline:
         return cls(parse_console(lines), source)
+
+    @classmethod
+    def from_kmsg(cls, lines: Iterable[str], source: Path | None = None) -> Timeline:
+        return cls(parse_kmsg(lines), source)
 
     def find(self, pattern: re.Pattern[str], start: int = 0) -> Record | None:
         return next((r for r in self.records[start:] if pattern.search(r.text)), None)

@@ -24,7 +24,24 @@ RESERVED_EXHAUSTED = re.compile(r"virt/tdx: initialization failed: TDMR \[0x[0-9
                                 r"reserved areas exhausted\.")
 RBP_CLOBBER = re.compile(r"virt/tdx: frame pointer \(RBP\) clobber bug present, upgrade TDX module")
 SYS_DISABLE_FAILED = re.compile(rf"virt/tdx: TDH\.SYS\.DISABLE failed: (?P<status>{_HEX})")
+KEXEC_STARTING = re.compile(r"kexec_core: Starting new kernel")
+SUSPEND_ENTRY = re.compile(r"PM: suspend entry \((?P<mode>\w+)\)")  # kernel/power/suspend.c
+SUSPEND_EXIT = re.compile(r"PM: suspend exit")
+CONSOLES_SUSPENDED = re.compile(r"printk: Suspending console\(s\)")  # kernel/printk/printk.c
 MCE_TDX_PRIVATE = re.compile(r"TDX private memory error\. Possible kernel bug\.")
 SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>module loaded|no module loaded)")
 SHIM_NO_ANSWER = re.compile(r"tdx-sw-module: no software TDX module answered on COM2")
 SHIM_EXCHANGE_FAILED = re.compile(r"tdx-sw-module: exchange failed: ")
+# Machine checks (arch/x86/kernel/cpu/mce/core.c, pr_fmt "mce: ", HW_ERR "[Hardware Error]: ").
+# __print_mce(): the record's first line (MCG_STATUS, bank and MCi_STATUS in hex) and its TSC
+# line, which carries ADDR and MISC when non-zero.
+MCE_RECORD = re.compile(r"mce: \[Hardware Error\]: CPU (?P<cpu>\d+): Machine Check(?P<exception> Exception)?: "
+                        r"(?P<mcg_status>[0-9a-f]+) Bank (?P<bank>\d+): (?P<status>[0-9a-f]{16})")
+MCE_RECORD_ADDR = re.compile(r"mce: \[Hardware Error\]: TSC [0-9a-f]+ ADDR (?P<addr>[0-9a-f]+) ")
+# mce_panic(): the severity's explanation and mce_dump_aux_info() (the TDX line) share this form.
+MCE_EXPLANATION = re.compile(r"mce: \[Hardware Error\]: Machine check: (?P<text>.+)")
+MCE_TDX_PRIVATE_LINE = re.compile(r"mce: \[Hardware Error\]: Machine check: TDX private memory error\. "
+                                  r"Possible kernel bug\.")
+MCE_FAKE_PANIC = re.compile(r"mce: \[Hardware Error\]: Fake kernel panic: (?P<reason>.+)")
+MCE_LOGGED = re.compile(r"mce: \[Hardware Error\]: Machine check events logged")
+MCE_KERNEL_PANIC = re.compile(r"Kernel panic - not syncing: (?P<reason>.*[Mm]achine check.*)")

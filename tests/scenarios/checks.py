@@ -16,11 +16,15 @@ DMESG_TIMEOUT = 60.0
 
 
 def kernel_log(machine: QemuMachine, allow: Iterable[Crash] = ()) -> Timeline:
-    """The guest's whole kernel log, read with dmesg (complete even if the console dropped
-    lines). Fails on any sign of trouble (crash.Crash) that the scenario did not ``allow``."""
-    result = machine.run("dmesg", DMESG_TIMEOUT, strip_printk=False)
-    assert result.status == 0, f"dmesg failed with {result.status}: {result.output[-500:]}"
-    log = Timeline.from_console(result.output.splitlines(), machine.console_log)
+    """The running kernel's whole log from /dev/kmsg (sequence numbers, levels; complete even if
+    the console dropped lines). Fails on any sign of trouble (crash.Crash) that the scenario did
+    not ``allow``."""
+    result = machine.run("tdxh-kmsg", DMESG_TIMEOUT)  # console printk lines interleaved are dropped
+    assert result.status == 0, f"tdxh-kmsg failed with {result.status}: {result.output[-500:]}"
+    log = Timeline.from_kmsg(result.output.splitlines(), machine.console_log)
+    assert log.records, f"no kernel records in /dev/kmsg: {result.output[-500:]!r}"
+    seqs = [r.seq for r in log.records]
+    assert seqs == sorted(seqs), "kernel records out of sequence"
     surprises = unexpected(classify(log.records), allow)
     assert not surprises, ("unexpected kernel trouble:\n" + "\n".join(f"  {f}" for f in surprises)
                            + f"\nconsole log: {machine.console_log}")

@@ -369,3 +369,19 @@ def test_interact_forwards_lines_and_shows_the_console(tmp_path):
     thread.join(5)
     console.close()
     assert "got: hello\n" in out.getvalue()
+
+
+def test_send_does_not_wait_and_later_waits_start_after_it(pair: tuple[Console, Guest]) -> None:
+    console, guest = pair
+    guest.send(b"TDXH-READY 7.3.0\r\n")
+    console.send("reboot -f")
+    while b"\n" not in guest._pending:
+        guest._pending += guest.sock.recv(4096)
+    assert guest._pending == b"reboot -f\n"
+    # The marker that came before the command does not count as the next boot's.
+    with pytest.raises(ConsoleTimeout):
+        console.wait_ready(Deadline.after(0.05))
+    guest.send(b"[    0.000000] Linux version 7.3.0\r\nTDXH-READY 7.3.0\r\n")
+    assert console.wait_ready(Deadline.after(5)) == "7.3.0"
+    with pytest.raises(ValueError):
+        console.send("a\nb")

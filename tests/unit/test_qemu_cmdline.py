@@ -28,7 +28,8 @@ def test_default_machine():
     assert arg_after(argv, "-cpu") == ["max,vendor=GenuineIntel,+ss"]
     assert arg_after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1"]
     append = arg_after(argv, "-append")[0]
-    for needed in ("console=ttyS0", "8250.nr_uarts=1", "nohibernate", "setcpuid=movdir64b", "panic=-1", "quiet"):
+    for needed in ("console=ttyS0", "8250.nr_uarts=1", "nohibernate", "setcpuid=movdir64b", "panic=-1",
+                   "retain_initrd", "quiet"):
         assert needed in append.split()
     # COM1 is the console, COM2 the module, in that order.
     assert arg_after(argv, "-serial") == ["chardev:con0", "chardev:seam0"]
@@ -92,3 +93,14 @@ def test_launch_error_cleans_up_and_names_the_problem(tmp_path):
     with pytest.raises(LaunchError, match=r"kernel .*missing-bzImage does not exist"):
         machine.start()
     assert not sock_dir.exists() and trace_file.closed
+
+
+def test_memory_hotplug_slots():
+    assert arg_after(command(QemuConfig(memory="2G", dimm_slots=2, maxmem="8G")), "-m") == ["2G,slots=2,maxmem=8G"]
+    with pytest.raises(ValueError, match="dimm_slots and maxmem"):
+        QemuConfig(dimm_slots=1)
+
+
+def test_base_append_is_replaceable():
+    append = arg_after(command(QemuConfig(base_append="console=ttyS0 hibernate=no")), "-append")[0]
+    assert append.split() == ["console=ttyS0", "hibernate=no", "quiet"]
