@@ -1,0 +1,288 @@
+"""Machine checks on a TDX host: the partial-write erratum message and its negative cases.
+
+Linux 7.2/7.3 prints "mce: [Hardware Error]: Machine check: TDX private memory error. Possible
+kernel bug." only from mce_panic() (a fatal #MC), only on a CPU with X86_BUG_TDX_PW_MCE
+(Sapphire/Emerald Rapids), only for a memory error with a usable physical address, and only if
+TDH.PHYMEM.PAGE.RDMD succeeds and names a page type other than PT_NDA, where PT_RSVD counts only
+for PAMT pages (harness/observe/mce.py follows the chain). So, with a fatal memory error:
+
+- erratum CPU, module initialized: a PAMT page -> message; plain kernel memory -> none; a page
+  the module holds for a TD -> message;
+- erratum CPU, module init failed: the kernel still asks (X86_FEATURE_TDX_HOST_PLATFORM only needs
+  the KeyIDs), the module answers with an error, the kernel trusts nothing -> none;
+- erratum CPU model without TDX KeyIDs: tdx_init() stops before check_tdx_erratum(), so there is
+  no X86_BUG_TDX_PW_MCE either -> no RDMD, no message;
+- CPU without the erratum: the kernel never asks -> no RDMD, no message;
+- a record only logged (mce-inject "sw": mce_log(), no #MC handler): no mce_panic(), no RDMD.
+
+Two ways to raise the #MC: mce-inject "hw" (bank MSRs written in the guest, int $18 on one CPU;
+fake_panic keeps the machine alive, so the test reads the log afterwards) and QEMU's HMP `mce -b`
+(a real broadcast #MC from the emulator: every CPU enters the handler, the kernel panics, and
+with panic=-1 and -no-reboot QEMU exits; the console log is what is left to check).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from checks import kernel_log
+
+from harness.machine.console import ConsoleTimeout
+from harness.machine.mce import InjectFlags, Mce, debugfs_setup_command, uncorrected_memory_error
+from harness.machine.qemu import QemuConfig, QemuMachine
+from harness.observe import patterns
+from harness.observe.cpuinfo import CpuInfo, parse_cpuinfo
+from harness.observe.crash import Crash, classify, unexpected
+from harness.observe.dmesg import Timeline
+from harness.observe.mce import (
+    MceConditions,
+    RdmdAnswer,
+    has_pw_mce_erratum,
+    ordinary_pages,
+    pamt_page,
+    pamt_ranges,
+    rdmd_expected,
+    sets_pw_mce_bug,
+    tdx_message_expected,
+)
+from harness.seam import abi
+from harness.seam.abi import Leaf, PageType, Status
+from harness.seam.faults import FaultPlan, FaultRule
+from harness.seam.platform import PlatformConfig
+from harness.seam.tdmr import TdmrInfo
+from harness.seam.trace import TraceRecord
+
+log = logging.getLogger("scenarios.mce")
+
+# QEMU 7.2 has no Sapphire Rapids model: `max` with SPR-X's family and model (docs/NOTES.md).
+ERRATUM_CPU = QemuConfig(cpu_family_model=(6, 0x8F))
+INIT_FAILURES = (Crash.SEAMCALL_FAILED, Crash.TDX_INIT_FAILED)
+# An address inside the page, not its start: the kernel must hand RDMD the page (addr & PAGE_MASK).
+OFFSET_IN_PAGE = 0x5C0
+SETTLE_TIMEOUT = 120.0  # from the injection to the kernel's last word on it, under TCG
+EXIT_TIMEOUT = 60.0
+POLL_INTERVAL = 0.5
+
+
+class Target(enum.Enum):
+    PAMT = "a PAMT page"
+    KERNEL_MEMORY = "plain kernel memory"
+    TD_PRIVATE = "a page the module holds for a TD"
+
+
+@dataclass(frozen=True)
+class Case:
+    config: QemuConfig
+    target: Target
+    message: bool  # on a fatal #MC, by the kernel's rules (module docstring)
+    faults: tuple[FaultRule, ...] = ()
+    platform: dict[str, object] = field(default_factory=dict)  # PlatformConfig fields
+    boot_message: re.Pattern[str] = patterns.INITIALIZED  # how TDX ended up at boot
+    at_boot: tuple[Crash, ...] = ()  # trouble the boot is expected to report
+    host_platform: bool = True  # tdx_init() accepts the platform (enough TDX KeyIDs)
+
+    @property
+    def initialized(self) -> bool:
+        return self.boot_message is patterns.INITIALIZED
+
+
+CASES = {
+    "pamt_page": Case(ERRATUM_CPU, Target.PAMT, message=True),
+    "kernel_memory": Case(ERRATUM_CPU, Target.KERNEL_MEMORY, message=False),
+    "td_private_page": Case(ERRATUM_CPU, Target.TD_PRIVATE, message=True),
+    # The module would call the page private, but it is not ready: its answer must not count.
+    "module_not_initialized": Case(
+        ERRATUM_CPU, Target.TD_PRIVATE, message=False,
+        faults=(FaultRule(Leaf.TDH_SYS_CONFIG, abi.with_info(Status.TDX_INVALID_TDMR, 0)),),
+        boot_message=patterns.INIT_FAILED, at_boot=INIT_FAILURES),
+    "no_tdx_keyids": Case(ERRATUM_CPU, Target.TD_PRIVATE, message=False, platform={"nr_tdx_keyids": 0},
+                          boot_message=patterns.NOT_SUPPORTED, host_platform=False),
+    "no_erratum_cpu": Case(QemuConfig(), Target.PAMT, message=False),
+}
+
+
+class Path(enum.Enum):
+    MCE_INJECT_HW = "mce_inject_hw"
+    MCE_INJECT_SW = "mce_inject_sw"
+    HMP = "hmp"
+
+    @property
+    def reaches_panic(self) -> bool:
+        """A real #MC goes through do_machine_check() and, when fatal, mce_panic(); a logged-only
+        record never does."""
+        return self is not Path.MCE_INJECT_SW
+
+
+@dataclass
+class Outcome:
+    log: Timeline  # kernel messages from the injection on
+    rdmds: list[TraceRecord]  # RDMD calls from the injection on
+    injected_at: float  # module trace clock
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+# --- the scenarios ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("path", [Path.MCE_INJECT_HW, Path.HMP], ids=lambda p: p.value)
+def test_fatal_memory_error(boot, path, name):
+    check_case(boot, path, CASES[name])
+
+
+def test_logged_only_record_never_asks_the_module(boot):
+    """mce-inject's "sw" mode only logs the record: the #MC handler, mce_panic() and the TDX check
+    never run, even on the erratum CPU with the error in a PAMT page."""
+    check_case(boot, Path.MCE_INJECT_SW, CASES["pamt_page"])
+
+
+def check_case(boot, path: Path, case: Case) -> None:
+    machine = boot(case.config, platform=PlatformConfig(**case.platform),  # type: ignore[arg-type]
+                   faults=FaultPlan(list(case.faults)))
+    cpu = guest_cpu(machine)
+    host_platform = "tdx_host_platform" in cpu.flags
+    assert host_platform is case.host_platform, f"X86_FEATURE_TDX_HOST_PLATFORM is {host_platform}: {cpu}"
+    assert has_pw_mce_erratum(cpu.vendor, cpu.family, cpu.model) is (case.config.cpu_family_model is not None), \
+        f"the CPU is not the one configured: {cpu}"
+    erratum = sets_pw_mce_bug(cpu.vendor, cpu.family, cpu.model, host_platform)
+    assert ("tdx_pw_mce" in cpu.bugs) is erratum, f"X86_BUG_TDX_PW_MCE should be {erratum}: {cpu}"
+    allowed = (Crash.MCE, *case.at_boot)  # from the injection on
+    kernel_log(machine, allow=case.at_boot).expect(case.boot_message)
+
+    tdmrs = [tdmr.info for tdmr in machine.module.state.tdmrs]
+    mce = uncorrected_memory_error(aim(machine, case.target, tdmrs) + OFFSET_IN_PAGE)
+    if path is Path.HMP:
+        outcome = inject_hmp(machine, mce)
+    else:
+        outcome = inject_debugfs(machine, mce, InjectFlags.HW if path is Path.MCE_INJECT_HW else InjectFlags.SW,
+                                 allowed)
+
+    cond = MceConditions(erratum=erratum, host_platform=host_platform,
+                         reaches_panic=path.reaches_panic and mce.is_fatal())
+    answer = check_rdmd(outcome, mce, cond, case)
+    # Measured figures (module trace clock, seconds from the injection): log and run directory.
+    log.info("%s: %s", path.value, outcome.facts)
+    (machine.run_dir / "mce-facts.json").write_text(json.dumps(outcome.facts, indent=2) + "\n")
+
+    expected = tdx_message_expected(mce, cond, answer, pamt_ranges(tdmrs))
+    assert expected is (case.message and path.reaches_panic), "the kernel model disagrees with the case table"
+    if path.reaches_panic:
+        # mce_panic(): the record, the TDX line when the kernel decided so, then the (fake) panic.
+        ending = patterns.MCE_KERNEL_PANIC if path is Path.HMP else patterns.MCE_FAKE_PANIC
+        outcome.log.expect_in_order([patterns.MCE_RECORD, *([patterns.MCE_TDX_PRIVATE_LINE] if expected else []),
+                                     ending])
+        check_record(outcome.log, mce)
+    if not expected:
+        outcome.log.expect_absent(patterns.MCE_TDX_PRIVATE)
+    if path is not Path.HMP:  # fake_panic: the machine lives on
+        assert machine.run("echo alive", 30).output.strip() == "alive"
+
+
+# --- steps --------------------------------------------------------------------------------------
+
+def guest_cpu(machine: QemuMachine) -> CpuInfo:
+    result = machine.run("cat /proc/cpuinfo", 30)
+    assert result.status == 0, result.output[-500:]
+    return parse_cpuinfo(result.output)
+
+
+def aim(machine: QemuMachine, target: Target, tdmrs: list[TdmrInfo]) -> int:
+    """The page to put the error in, computed from what the module received in SYS.CONFIG."""
+    if target is Target.PAMT:
+        return pamt_page(tdmrs)
+    page, tdr = ordinary_pages(machine.config.ram_ranges(), tdmrs, 2)
+    if target is Target.TD_PRIVATE:
+        # KVM cannot build a TD here yet: the module is told directly that a TD owns the page.
+        machine.module.assign_page(page, PageType.PT_REG, owner=tdr)
+    return page
+
+
+def inject_debugfs(machine: QemuMachine, mce: Mce, flags: InjectFlags, allowed: tuple[Crash, ...]) -> Outcome:
+    """mce-inject with fake_panic (the machine survives mce_panic()) and without the rendezvous
+    (mce-inject raises #MC on one CPU only; debugfs_setup_command() says why)."""
+    setup = machine.run(debugfs_setup_command(fake_panic=True, rendezvous=False), 60)
+    assert setup.status == 0, f"mce-inject setup failed: {setup.output[-500:]}"
+    mark = len(kernel_log(machine, allow=allowed).records)
+    trace_mark, injected_at = len(machine.module.trace), machine.module.trace.now()
+    result = machine.run(mce.debugfs_command(flags), 60)
+    assert result.status == 0, f"mce-inject refused the injection: {result.output[-500:]}"
+    # The hw injection runs on the target CPU asynchronously: wait for the kernel's last word.
+    settled = patterns.MCE_FAKE_PANIC if flags is InjectFlags.HW else patterns.MCE_LOGGED
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        log = kernel_log(machine, allow=allowed).since(mark)
+        if log.find(settled) or time.monotonic() > deadline:
+            break
+        time.sleep(POLL_INTERVAL)
+    log.expect(settled)
+    return Outcome(log, rdmds_since(machine, trace_mark), injected_at,
+                   {"settled_s": round(machine.module.trace.now() - injected_at, 3)})
+
+
+def inject_hmp(machine: QemuMachine, mce: Mce) -> Outcome:
+    """A real #MC from QEMU; the fatal error panics the guest and QEMU exits (panic=-1,
+    -no-reboot). Everything is read from the console log the harness kept."""
+    line_mark = len(machine.console_lines())
+    trace_mark, injected_at = len(machine.module.trace), machine.module.trace.now()
+    reply = machine.qmp().hmp(mce.hmp_command()).strip()
+    if "not supported" in reply:
+        pytest.skip(f"QEMU cannot inject machine checks into this CPU model: {reply}")
+    assert not reply, f"QEMU refused `{mce.hmp_command()}`: {reply}"
+    try:
+        machine.expect(patterns.MCE_KERNEL_PANIC, SETTLE_TIMEOUT)
+    except ConsoleTimeout as err:
+        raise AssertionError(f"QEMU took the HMP mce command but the guest did not panic: {err}") from err
+    panicked_at = machine.module.trace.now()
+    exitcode = machine.wait_exit(EXIT_TIMEOUT)
+    assert exitcode == 0, f"QEMU did not end by itself after the panic (exit code {exitcode})"
+    log = Timeline.from_console(machine.console_lines()[line_mark:], machine.console_log)
+    surprises = unexpected(classify(log.records), (Crash.MCE, Crash.PANIC))
+    assert not surprises, "unexpected kernel trouble:\n" + "\n".join(f"  {f}" for f in surprises)
+    log.expect(patterns.MCE_KERNEL_PANIC)
+    return Outcome(log, rdmds_since(machine, trace_mark), injected_at,
+                   {"panic_s": round(panicked_at - injected_at, 3),
+                    "qemu_exit_s": round(machine.module.trace.now() - injected_at, 3)})
+
+
+def rdmds_since(machine: QemuMachine, trace_mark: int) -> list[TraceRecord]:
+    return [r for r in machine.module.trace.of_leaf(Leaf.TDH_PHYMEM_PAGE_RDMD) if r.seq >= trace_mark]
+
+
+def check_rdmd(outcome: Outcome, mce: Mce, cond: MceConditions, case: Case) -> RdmdAnswer | None:
+    """The RDMD calls the kernel made during the MCE: one exactly when its rules say it asks,
+    for the page of the error address; returns the module's answer."""
+    expected = rdmd_expected(mce, cond)
+    assert len(outcome.rdmds) == int(expected), \
+        f"expected {int(expected)} RDMD call(s) after the injection, the trace has {outcome.rdmds}"
+    if not expected:
+        return None
+    call = outcome.rdmds[0]
+    assert call.inputs["rcx"] == mce.page, f"RDMD for {call.inputs['rcx']:#x}, the error is at {mce.addr:#x}"
+    assert call.time >= outcome.injected_at
+    outcome.facts.update(rdmd_after_injection_s=round(call.time - outcome.injected_at, 3), rdmd_cpu=call.cpu,
+                         rdmd_status=call.status_name)
+    # On success RCX holds the page type (the trace keeps only outputs that changed).
+    answer = RdmdAnswer(call.status) if call.status else RdmdAnswer(0, call.outputs.get("rcx", call.inputs["rcx"]))
+    # The module answered what the test arranged.
+    if not case.initialized:
+        assert answer.status, f"a module that failed init answered RDMD with success: {call}"
+    else:
+        arranged = {Target.PAMT: PageType.PT_RSVD, Target.KERNEL_MEMORY: PageType.PT_NDA,
+                    Target.TD_PRIVATE: PageType.PT_REG}[case.target]
+        assert answer == RdmdAnswer(0, arranged), f"module answered {call}, arranged {arranged.name}"
+    return answer
+
+
+def check_record(log: Timeline, mce: Mce) -> None:
+    """mce_panic() printed our bank's record: the status as injected, the address at the
+    granularity MISC gives (a page)."""
+    records = [m for m in map(patterns.MCE_RECORD.search, (r.text for r in log.records)) if m]
+    ours = [m for m in records if int(m["status"], 16) == mce.status and int(m["bank"]) == mce.bank]
+    assert ours, f"no record of bank {mce.bank} with status {mce.status:#x}; records: {[m.string for m in records]}"
+    addr = log.expect(patterns.MCE_RECORD_ADDR)
+    assert int(addr["addr"], 16) == mce.page, addr.string
