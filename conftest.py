@@ -1,6 +1,8 @@
 """pytest wiring for tdx-harness: options (with TDXH_* environment fallbacks), the images a
-session boots (built once), and a ``boot`` fixture that starts a machine with the software
-module attached, waits until it is ready, and always stops it."""
+session boots (built once), and fixtures that start a machine with the software module attached,
+wait until it is ready, and always stop it: ``boot`` (QEMU), ``bochs_boot`` (Bochs), and
+``vmx_boot`` for scenarios that need VMX in the guest (QEMU with KVM where the host offers nested
+VMX, else Bochs, else a skip saying why)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,18 @@ from pathlib import Path
 import pytest
 
 from harness import paths
+from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
+from harness.images.iso import IsoError, check_host
 from harness.launch import Images, prepare_images, start_machine
-from harness.machine.qemu import QemuConfig, QemuMachine
+from harness.machine.base import Machine
+from harness.machine.bochs import BochsConfig, BochsMachine, start_bochs_machine
+from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
+from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
 
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
+BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -104,3 +112,64 @@ def boot(images: Images, artifacts: Path) -> Iterator[BootFactory]:
     yield start
     for machine in machines:
         machine.stop()
+
+
+@pytest.fixture(scope="session")
+def bochs_install() -> BochsInstall:
+    """Bochs 3.0 from trixie, fetched once into the cache; the test is skipped if that fails."""
+    try:
+        check_host()
+        return fetch_bochs(paths.cache_dir())
+    except BochsUnavailable as err:
+        pytest.skip(f"Bochs is not available: {err}")
+    except IsoError as err:
+        pytest.skip(f"cannot build a Bochs boot image ({' '.join(ISO_PACKAGES)}): {err}")
+
+
+BochsBoot = Callable[..., BochsMachine]
+
+
+@pytest.fixture
+def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall) -> Iterator[BochsBoot]:
+    """``bochs_boot(config=BochsConfig(), platform=None, faults=None, append="", ready=True)``:
+    a started Bochs machine, ready for commands unless ready=False; stopped at teardown."""
+    machines: list[BochsMachine] = []
+
+    def start(config: BochsConfig | None = None, platform: PlatformConfig | None = None,
+              faults: FaultPlan | None = None, append: str = "", ready: bool = True) -> BochsMachine:
+        machine = start_bochs_machine(images, config or BochsConfig(), artifacts / f"machine{len(machines)}",
+                                      platform=platform, faults=faults, append=append, install=bochs_install)
+        machines.append(machine)
+        if ready:
+            machine.wait_ready(BOCHS_BOOT_TIMEOUT)
+        return machine
+
+    yield start
+    for machine in machines:
+        machine.stop()
+
+
+VmxBoot = Callable[..., Machine]
+
+
+@pytest.fixture
+def vmx_boot(request: pytest.FixtureRequest, images: Images, artifacts: Path) -> Iterator[VmxBoot]:
+    """``vmx_boot(cpus=1, memory="1G", platform=None, faults=None, append="")``: a ready machine
+    whose guest has VMX: QEMU with KVM when the host offers nested VMX, else Bochs (emulated
+    VMX), else the test is skipped with the reason."""
+    if nested_vmx_available():
+        def start_qemu(cpus: int = 1, memory: str = "1G", platform: PlatformConfig | None = None,
+                       faults: FaultPlan | None = None, append: str = "") -> Machine:
+            return qemu(QemuConfig(cpus=cpus, memory=memory, accel="kvm", cpu_model="host"), platform, faults,
+                        append)
+
+        qemu = request.getfixturevalue("boot")
+        yield start_qemu
+        return
+    bochs = request.getfixturevalue("bochs_boot")
+
+    def start_bochs(cpus: int = 1, memory: str = "1G", platform: PlatformConfig | None = None,
+                    faults: FaultPlan | None = None, append: str = "") -> Machine:
+        return bochs(BochsConfig(cpus=cpus, memory=memory), platform, faults, append)
+
+    yield start_bochs

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 from harness import paths
+from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.kernel.build import BuildError
 from harness.kernel.inspect import KernelImageError
 from harness.kernel.source import SourceError
 from harness.launch import Images, prepare_images, start_machine
 from harness.machine.base import MachineError
+from harness.machine.bochs_install import HOST_LIBRARY_PACKAGES, BochsUnavailable, fetch_bochs
 from harness.machine.console import ConsoleError
 from harness.machine.qemu import QemuConfig, parse_size
 from harness.run import CommandError, run
@@ -23,9 +25,12 @@ from harness.seam.platform import PlatformConfig
 
 log = logging.getLogger("harness")
 
-# Host packages (Debian 12): emulator, initramfs contents, kernel build tools.
+# Host packages (Debian 12): emulator, initramfs contents, kernel build tools (kmod: depmod, or
+# modules.dep is missing and modprobe fails in the guest), the Bochs boot ISO, and the bookworm
+# libraries trixie's bochs-bin links from the host.
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kexec-tools", "cpio", "ccache", "build-essential", "flex",
-                 "bison", "bc", "libelf-dev", "libssl-dev", "rsync", "xz-utils", "debian-archive-keyring")
+                 "bison", "bc", "libelf-dev", "libssl-dev", "rsync", "xz-utils", "debian-archive-keyring", "kmod",
+                 *ISO_PACKAGES, *sorted(set(HOST_LIBRARY_PACKAGES.values())))
 SETUP_ERRORS = (BuildError, CommandError, KernelImageError, SourceError, ValueError, OSError)
 
 
@@ -65,6 +70,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
         run(["apt-get", "update", "-q"], timeout=900)
         run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=1800,
             env={"DEBIAN_FRONTEND": "noninteractive"})
+    try:
+        fetch_bochs(paths.cache_dir())  # the VMX backend of the KVM scenarios
+    except BochsUnavailable as err:
+        log.warning("Bochs not available, KVM scenarios will be skipped: %s", err)
     return cmd_build(args)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +33,18 @@ class KernelSource:
 
 
 class PrivateApt:
-    """apt-get with its own sources, lists and cache under ``root``."""
+    """apt-get with its own sources, lists and cache under ``root``. ``suites`` are the Debian
+    suites it sees (main only); other users (the Bochs fetcher: trixie) keep their own root so
+    that each one's candidates come from the suites it means."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, suites: Sequence[str] = DEBIAN_SUITES) -> None:
         self.root = root
+        self.suites = tuple(suites)
         (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
         (root / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         sources = root / "sources.list"
         sources.write_text("".join(f"deb [signed-by={ARCHIVE_KEYRING}] {MIRROR} {suite} main\n"
-                                   for suite in DEBIAN_SUITES))
+                                   for suite in self.suites))
         self.options = [
             "-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
             "-o", f"Dir::State::Lists={root / 'lists'}", "-o", f"Dir::Cache={root}",

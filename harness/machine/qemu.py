@@ -105,6 +105,15 @@ class QemuConfig:
         return f"{size},slots={self.dimm_slots},maxmem={self.maxmem}" if self.dimm_slots else size
 
 
+def nested_vmx_available(kvm: Path = Path("/dev/kvm"),
+                         nested: Path = Path("/sys/module/kvm_intel/parameters/nested")) -> bool:
+    """Can QEMU give its guest VMX here: KVM usable and kvm_intel loaded with nested=Y/1."""
+    try:
+        return os.access(kvm, os.R_OK | os.W_OK) and nested.read_text().strip() in ("Y", "1")
+    except OSError:
+        return False
+
+
 def parse_size(text: str) -> int:
     """QEMU-style size: 512M, 2G, 4096 (bytes)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -8,7 +8,7 @@ import pytest
 
 from harness.launch import platform_for
 from harness.machine.base import Boot
-from harness.machine.qemu import QemuConfig, parse_size, qemu_command
+from harness.machine.qemu import QemuConfig, nested_vmx_available, parse_size, qemu_command
 
 G = 1 << 30
 
@@ -104,3 +104,13 @@ def test_memory_hotplug_slots():
 def test_base_append_is_replaceable():
     append = arg_after(command(QemuConfig(base_append="console=ttyS0 hibernate=no")), "-append")[0]
     assert append.split() == ["console=ttyS0", "hibernate=no", "quiet"]
+
+
+def test_nested_vmx_needs_kvm_and_the_nested_parameter(tmp_path):
+    kvm, nested = tmp_path / "kvm", tmp_path / "nested"
+    assert not nested_vmx_available(kvm, nested)  # neither exists
+    kvm.write_text("")
+    nested.write_text("N\n")
+    assert not nested_vmx_available(kvm, nested)
+    nested.write_text("Y\n")
+    assert nested_vmx_available(kvm, nested)
