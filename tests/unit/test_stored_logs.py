@@ -39,3 +39,24 @@ def test_model_from_a_real_e820_map():
     assert usable == [(0, 0x9FC00), (0x100000, 0x7FFE0000)]
     result = pamt.model(usable)
     assert [(t.base, t.size) for t in result.tdmrs] == [(0, 2 << 30)]
+
+
+def test_kmsg_records_of_a_real_boot():
+    lines = (DATA / "kmsg-first-boot.txt").read_text().splitlines()
+    log = Timeline.from_kmsg(lines)
+    # One record per line that is not a dictionary continuation (" KEY=value").
+    assert len(log.records) == sum(1 for line in lines if line and not line.startswith(" "))
+    assert [r.seq for r in log.records] == list(range(len(log.records)))  # nothing lost since boot
+    assert {r.boot for r in log.records} == {0}
+    # Timestamps are the printk clock, which steps back once early in this boot (record 110):
+    # records are ordered by sequence number, never by time.
+    found = log.expect_in_order([patterns.BIOS_ENABLED, patterns.S3_DISABLED, patterns.MODULE_VERSION,
+                                 patterns.PAMT_ALLOCATED, patterns.INITIALIZED])
+    assert {r.level for r in found} == {6}  # pr_info: KERN_INFO
+    assert all(r.level is not None and 0 <= r.level <= 7 for r in log.records)
+
+
+def test_kmsg_parsing_unescapes_and_counts_boots():
+    records = Timeline.from_kmsg(["4,7,1000,-;tab\\x09here", " SUBSYSTEM=x", "garbage", "6,0,5,-;new kernel"]).records
+    assert [(r.seq, r.level, r.text, r.boot) for r in records] == [(7, 4, "tab\there", 0), (0, 6, "new kernel", 1)]
+    assert records[0].time == 0.001
