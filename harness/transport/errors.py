@@ -9,9 +9,9 @@ class TransportError(Exception):
 
 class FramingError(TransportError):
     """Bytes that are not a valid frame; ``raw`` holds them (the message shows 64 bytes);
-    ``seq`` is the sequence number the header claimed, when there was a header."""
+    ``seq`` is the sequence number the header claimed, None when there was no header."""
 
-    def __init__(self, reason: str, raw: bytes, seq: int = 0) -> None:
+    def __init__(self, reason: str, raw: bytes, seq: int | None = None) -> None:
         super().__init__(f"bad frame: {reason}; raw bytes: {raw[:64].hex(' ')}{' ...' if len(raw) > 64 else ''}")
         self.reason, self.raw, self.seq = reason, raw, seq
 

@@ -54,7 +54,8 @@ class Frame:
 class Decoder:
     """Turns a byte stream into frames. Garbage before a magic, bad types, oversized lengths and
     bad CRCs are reported as FramingError items and skipped, so one bad frame never wedges the
-    stream. ``max_buffer`` bounds memory if a peer sends a flood without magic."""
+    stream; ``expire()`` gives up on a partial frame when the peer has gone quiet.
+    ``max_buffer`` bounds memory if a peer sends a flood without magic."""
 
     def __init__(self, max_buffer: int = 4 * (HEADER.size + MAX_PAYLOAD + CRC.size)) -> None:
         self.buffer = bytearray()
@@ -94,29 +95,55 @@ class Decoder:
         _, ftype, flags, seq, length = HEADER.unpack_from(buf)
         if length > MAX_PAYLOAD:
             raw = bytes(buf[:HEADER.size])
+            # Only the magic goes: the bytes after a bogus header may hold the next frame.
             del buf[:len(MAGIC)]
-            return FramingError(f"length {length} exceeds {MAX_PAYLOAD}", raw)
+            return FramingError(f"length {length} exceeds {MAX_PAYLOAD}", raw, seq)
         total = HEADER.size + length + CRC.size
         if len(buf) < total:
             return None
         raw = bytes(buf[:total])
         (crc,) = CRC.unpack_from(raw, HEADER.size + length)
         if crc != zlib.crc32(raw[:HEADER.size + length]):
-            # Drop the whole frame: the peer waits for an answer, so nothing valid follows it.
-            del buf[:total]
-            return FramingError(f"CRC mismatch (frame says {crc:#010x})", raw, seq)
+            # Drop only up to the next magic: if the frame lost bytes, its length swallowed the
+            # start of the next frame, which must still be found (what is left of a frame that
+            # was merely corrupted is reported as garbage).
+            cut = buf.find(MAGIC, len(MAGIC), total)
+            end = cut if cut > 0 else total
+            del buf[:end]
+            return FramingError(f"CRC mismatch (frame says {crc:#010x})", raw[:end], seq)
         if ftype not in FrameType.__members__.values() or flags:
             del buf[:total]
             return FramingError(f"unknown type {ftype:#04x} or flags {flags:#04x}", raw, seq)
         del buf[:total]
         return Frame(FrameType(ftype), seq, raw[HEADER.size:HEADER.size + length])
 
+    def expire(self) -> list[Frame | FramingError]:
+        """The peer went quiet with a partial frame (or a lone first magic byte) buffered: it
+        will never complete, so report it as truncated and resynchronize at the next magic
+        after its own (a frame that followed the lost bytes is still found)."""
+        buf = self.buffer
+        if not buf:
+            return []
+        seq: int | None = None
+        reason = f"truncated frame: {len(buf)} bytes and then silence"
+        if buf.startswith(MAGIC) and len(buf) >= HEADER.size:
+            _, _, _, seq, length = HEADER.unpack_from(buf)
+            reason = (f"truncated frame: {len(buf)} of the {HEADER.size + length + CRC.size} bytes "
+                      f"its header announces, and then silence")
+        cut = buf.find(MAGIC, 1)
+        cut = cut if cut > 0 else len(buf)
+        raw = bytes(buf[:cut])
+        del buf[:cut]
+        return [FramingError(reason, raw, seq), *self.feed(b"")]
+
 
 # --- payloads ---------------------------------------------------------------------------------
 
 
-def _unpack(fmt: struct.Struct, frame: Frame, name: str) -> tuple[int, ...]:
-    if len(frame.payload) < fmt.size:
+def _unpack(fmt: struct.Struct, frame: Frame, name: str, exact: bool = False) -> tuple[int, ...]:
+    """The fixed part of a payload. ``exact``: the payload is only that part (a longer one means
+    the peer has another idea of the layout, e.g. a shim built with another register count)."""
+    if len(frame.payload) < fmt.size or (exact and len(frame.payload) != fmt.size):
         raise ProtocolError(f"{name} payload is {len(frame.payload)} bytes, expected {fmt.size}",
                             received=frame)
     return fmt.unpack_from(frame.payload)
@@ -134,7 +161,7 @@ class Hello:
 
     @classmethod
     def parse(cls, frame: Frame) -> Hello:
-        version, cpus, apic, _ = _unpack(cls.FMT, frame, "HELLO")
+        version, cpus, apic, _ = _unpack(cls.FMT, frame, "HELLO", exact=True)
         return cls(version, cpus, apic)
 
 
@@ -151,7 +178,7 @@ class HelloAckPayload:
 
     @classmethod
     def parse(cls, frame: Frame) -> HelloAckPayload:
-        _, flags, mktme, tdx = _unpack(cls.FMT, frame, "HELLO_ACK")
+        _, flags, mktme, tdx = _unpack(cls.FMT, frame, "HELLO_ACK", exact=True)
         return cls(bool(flags & 1), mktme, tdx)
 
 
@@ -168,7 +195,7 @@ class CallPayload:
 
     @classmethod
     def parse(cls, frame: Frame) -> CallPayload:
-        apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL")
+        apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL", exact=True)
         if variant > 2:
             raise ProtocolError(f"CALL variant {variant} is not 0, 1 or 2", received=frame)
         return cls(apic, variant, fn, tuple(regs))
@@ -185,7 +212,7 @@ class ReturnPayload:
 
     @classmethod
     def parse(cls, frame: Frame) -> ReturnPayload:
-        status, *regs = _unpack(cls.FMT, frame, "RETURN")
+        status, *regs = _unpack(cls.FMT, frame, "RETURN", exact=True)
         return cls(status, tuple(regs))
 
 

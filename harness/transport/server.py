@@ -10,6 +10,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,20 @@ from harness.transport.frames import (
 log = logging.getLogger("harness.transport")
 
 ACCEPT_POLL = 0.2  # how often the accept loop checks for stop()
+# Silence after which a partial frame counts as truncated. The shim writes a frame in one go
+# with interrupts off, so only a vCPU descheduled for this long stalls a frame; the shim's own
+# exchange deadline (10 s by default) is longer, so the host reports first.
+FRAME_GAP = 5.0
 
 
 class Channel:
-    """Frames over a connected stream socket; every receive has a deadline."""
+    """Frames over a connected stream socket; every receive has a deadline. Bad bytes are
+    answered with an ERROR frame each (seq of the header they claimed, else 0) and recorded."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, frame_gap: float = FRAME_GAP) -> None:
         self.sock = sock
+        self.frame_gap = frame_gap
+        self.last_data = time.monotonic()
         self.decoder = Decoder()
         self.pending: deque[Frame] = deque()
         self.framing_errors: list[FramingError] = []
@@ -56,12 +64,21 @@ class Channel:
         except OSError as err:
             raise ChannelClosed(f"sending {frame.type.name}: {err}") from err
 
-    def recv(self, deadline: Deadline, awaiting: str) -> Frame:
+    def recv(self, deadline: Deadline, awaiting: str, exchange: int | None = None) -> Frame:
+        """The next frame. ``exchange``: the seq of the exchange in progress; a corrupted frame
+        that claims it ends the exchange at once (the guest was told with an ERROR frame and
+        gives up on it), instead of after the deadline."""
         while not self.pending:
             if deadline.expired():
                 raise TransportTimeout(f"no {awaiting} from the guest within {deadline.seconds:.1f}s")
-            # Wake at least every second so a stopped server notices (idle waits have no end).
-            if not self.selector.select(timeout=min(deadline.remaining(), 1.0)):
+            # Wake at least every second so a stopped server notices (idle waits have no end),
+            # and when a partial frame's gap runs out.
+            wait = min(deadline.remaining(), 1.0)
+            if self.decoder.buffer:
+                wait = min(wait, max(0.0, self.last_data + self.frame_gap - time.monotonic()))
+            if not self.selector.select(timeout=wait):
+                if self.decoder.buffer and time.monotonic() - self.last_data >= self.frame_gap:
+                    self._take(self.decoder.expire(), exchange)
                 continue
             try:
                 data = self.sock.recv(65536)
@@ -69,14 +86,23 @@ class Channel:
                 raise ChannelClosed(f"waiting for {awaiting}: {err}") from err
             if not data:
                 raise ChannelClosed(f"guest closed the channel while the server waited for {awaiting}")
-            for item in self.decoder.feed(data):
-                if isinstance(item, FramingError):
-                    log.error("%s", item)
-                    self.framing_errors.append(item)
-                    self.send(ErrorPayload(ErrorCode.FRAMING, item.reason).frame(item.seq))
-                else:
-                    self.pending.append(item)
+            self.last_data = time.monotonic()
+            self._take(self.decoder.feed(data), exchange)
         return self.pending.popleft()
+
+    def _take(self, items: list[Frame | FramingError], exchange: int | None) -> None:
+        hit: FramingError | None = None
+        for item in items:
+            if isinstance(item, FramingError):
+                log.error("%s", item)
+                self.framing_errors.append(item)
+                self.send(ErrorPayload(ErrorCode.FRAMING, item.reason).frame(item.seq or 0))
+                if exchange is not None and item.seq == exchange:
+                    hit = hit or item
+            else:
+                self.pending.append(item)
+        if hit is not None:
+            raise ProtocolError(f"a frame of exchange {exchange} was corrupted ({hit.reason})")
 
     def close(self) -> None:
         self.selector.close()
@@ -93,7 +119,14 @@ class WireMemory:
 
     def _exchange(self, request: MemRequest, reply_type: FrameType) -> MemReply:
         self.channel.send(request.frame(self.seq))
-        frame = self.channel.recv(Deadline.after(self.timeout), reply_type.name)
+        frame = self.channel.recv(Deadline.after(self.timeout), reply_type.name, exchange=self.seq)
+        if frame.type in (FrameType.CALL, FrameType.HELLO):
+            # A new request: the guest gave up on this exchange (its deadline passed, or it
+            # rebooted) or two CPUs talk at once. Fail this one, but serve the new one next
+            # rather than drop it, so its CPU gets an answer instead of its own timeout.
+            self.channel.pending.appendleft(frame)
+            raise ProtocolError(f"{frame.type.name} seq {frame.seq} arrived while exchange {self.seq} waited for "
+                                f"{reply_type.name}: one exchange at a time", sent=request, received=frame)
         if frame.type is not reply_type or frame.seq != self.seq:
             raise ProtocolError(f"expected {reply_type.name} seq {self.seq}", sent=request, received=frame)
         reply = MemReply.parse(frame)
@@ -129,9 +162,11 @@ class SeamServer:
     free one: read ``address`` after construction). ``mem_timeout`` bounds each MEM_* answer.
     """
 
-    def __init__(self, module: TdxModule, address: str | Path | tuple[str, int], mem_timeout: float = 30.0) -> None:
+    def __init__(self, module: TdxModule, address: str | Path | tuple[str, int], mem_timeout: float = 30.0,
+                 frame_gap: float = FRAME_GAP) -> None:
         self.module = module
         self.mem_timeout = mem_timeout
+        self.frame_gap = frame_gap
         self.lock = threading.Lock()  # held while the module runs a call; tests take it to change plans
         self.errors: list[TransportError] = []
         self.calls = 0
@@ -180,12 +215,16 @@ class SeamServer:
             except OSError:
                 return
             log.info("guest connected to the module on %s", self.address)
-            self._channel = Channel(sock)
+            self._channel = Channel(sock, self.frame_gap)
             try:
                 self._serve(self._channel)
             except ChannelClosed as err:
                 if not self._stop.is_set():
                     log.info("module channel closed: %s", err)
+            except Exception as err:  # a server bug: report it, drop this connection, keep listening
+                log.exception("module channel failed")
+                self.errors.append(TransportError(f"server failed: {err!r}"))
+                self.module.anomaly(f"module server dropped the guest connection: {err!r}")
             finally:
                 self._channel.close()
                 self._channel = None
@@ -196,11 +235,22 @@ class SeamServer:
             frame = channel.recv(idle, "HELLO or CALL")
             try:
                 self._handle(channel, frame)
+            except ChannelClosed:
+                raise
             except (ProtocolError, TransportTimeout) as err:
-                log.error("exchange %d failed: %s", frame.seq, err)
-                self.errors.append(err)
-                self.module.anomaly(f"exchange {frame.seq} ({frame.type.name}) failed: {err}")
-                channel.send(ErrorPayload(ErrorCode.PROTOCOL, str(err)).frame(frame.seq))
+                self._fail(channel, frame, ErrorCode.PROTOCOL, err)
+            except Exception as err:
+                # A module (or server) bug on input nobody expected: the guest still gets an
+                # answer (its SEAMCALL fails), the run records it, and the channel lives on.
+                log.exception("exchange %d (%s): internal error", frame.seq, frame.type.name)
+                self._fail(channel, frame, ErrorCode.INTERNAL, err)
+
+    def _fail(self, channel: Channel, frame: Frame, code: ErrorCode, err: Exception) -> None:
+        text = str(err) if code is ErrorCode.PROTOCOL else f"internal error: {err!r}"
+        log.error("exchange %d failed: %s", frame.seq, text)
+        self.errors.append(err if isinstance(err, TransportError) else TransportError(text))
+        self.module.anomaly(f"exchange {frame.seq} ({frame.type.name}) failed: {text}")
+        channel.send(ErrorPayload(code, text).frame(frame.seq))
 
     def _handle(self, channel: Channel, frame: Frame) -> None:
         if frame.type is FrameType.HELLO:

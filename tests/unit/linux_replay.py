@@ -73,12 +73,14 @@ def reserved_areas(tdmr: pamt.Tdmr, blocks: list[pamt.MemRegion], pamts: list[tu
 
 
 def replay_init(module: TdxModule, usable: list[tuple[int, int]], numa_boundaries: Sequence[int] = (),
-                pamt_skew: int = 0, tdmr_info_misalign: int = 0) -> ReplayResult:
+                pamt_skew: int = 0, tdmr_info_misalign: int = 0, memory: SparseMemory | None = None) -> ReplayResult:
     """Run Linux's init sequence over ``usable`` [start, end) ranges. ``pamt_skew`` shrinks every
     4K PAMT by that many bytes and
-    ``tdmr_info_misalign`` shifts the TDMR_INFO array: the two kernel bugs the tests inject."""
+    ``tdmr_info_misalign`` shifts the TDMR_INFO array: the two kernel bugs the tests inject.
+    ``memory``: the guest RAM to use (e.g. one that corrupts what the module reads)."""
     platform = module.platform
-    memory = SparseMemory([(start, end - start) for start, end in usable])
+    if memory is None:
+        memory = SparseMemory([(start, end - start) for start, end in usable])
     cpus = [cpu.apic_id for cpu in platform.cpus]
 
     def fail(leaf: int, result: SeamcallResult) -> ReplayResult:

@@ -3,13 +3,11 @@ against a time limit (these machines are noisy)."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 from fake_shim import FakeShim
-from linux_replay import call, replay_init
+from linux_replay import replay_init
 
+from harness.bench import Figure, module_dispatch_us, summarize, timed
 from harness.seam.abi import Field, Leaf
 from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
@@ -20,22 +18,13 @@ pytestmark = pytest.mark.bench
 G, M = 1 << 30, 1 << 20
 
 
-def median_us(fn, rounds: int) -> tuple[float, float]:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+def median_us(fn, rounds: int) -> Figure:
+    return summarize(timed(fn, rounds, 1e6), "us")
 
 
 def test_bench_seam(tmp_path, capsys):
-    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
     memory = SparseMemory([(0, 2 * G)])
-    call(module, memory, 0, Leaf.TDH_SYS_INIT)
-    call(module, memory, 0, Leaf.TDH_SYS_LP_INIT)
-    dispatch = median_us(lambda: call(module, memory, 0, Leaf.TDH_SYS_RD, rdx=Field.MAX_TDMRS), 2000)
+    dispatch = summarize(module_dispatch_us(2000), "us")  # the figure scripts/bench reports
 
     def full_init() -> None:
         assert replay_init(TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G), (4 * G, 2 * G)]))),
@@ -54,6 +43,6 @@ def test_bench_seam(tmp_path, capsys):
         shim.close()
         server.stop()
     with capsys.disabled():
-        print(f"\nseam dispatch (TDH.SYS.RD, in process): median {dispatch[0]:.1f} us, p99 {dispatch[1]:.1f} us")
-        print(f"full host-init sequence (2 TDMRs, 2 CPUs): median {init[0]:.0f} us, p99 {init[1]:.0f} us")
-        print(f"CALL/RETURN round trip over a Unix socket: median {socket_rt[0]:.1f} us, p99 {socket_rt[1]:.1f} us")
+        print(f"\nseam dispatch (TDH.SYS.RD, in process): median {dispatch.median:.1f} us, p99 {dispatch.p99:.1f} us")
+        print(f"full host-init sequence (2 TDMRs, 2 CPUs): median {init.median:.0f} us, p99 {init.p99:.0f} us")
+        print(f"CALL/RETURN over a Unix socket: median {socket_rt.median:.1f} us, p99 {socket_rt.p99:.1f} us")

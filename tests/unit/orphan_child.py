@@ -1,0 +1,32 @@
+"""The harness side of the orphan tests, run as its own process: start a machine through the
+machine layer (harness.launch.start_machine -> QemuMachine.start), say where its files are,
+then wait for the guest as a scenario does, until the test kills or interrupts this process.
+
+Usage: python orphan_child.py RUN_DIR KERNEL INITRD
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from harness.launch import Images, start_machine
+from harness.machine.qemu import QemuConfig
+
+
+def main(run_dir: Path, kernel: Path, initrd: Path) -> int:
+    images = Images(kernel, initrd, None, "orphan test kernel")
+    machine = start_machine(images, QemuConfig(cpus=1, memory="256M"), run_dir)
+    print(json.dumps({"qemu_pid": machine._proc.pid if machine._proc else None}), flush=True)
+    try:
+        # The guest never gets ready: the signal lands in the harness's wait, as Ctrl-C does
+        # during a real boot (tdxh boot and the pytest fixtures stop the machine the same way).
+        machine.wait_ready(3600)
+    finally:
+        machine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))

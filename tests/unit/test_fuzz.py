@@ -1,0 +1,701 @@
+"""Fuzzing the wire and the module: what a hostile or buggy guest sends never makes the server or
+the module raise or hang, and every bad input is reported (ERROR frames, statuses, anomalies).
+
+Generated from one seed, printed at the start; ``TDXH_FUZZ_SEED=N`` replays a run and
+``TDXH_FUZZ_SCALE=K`` multiplies the number of cases (the default run makes about 11,000).
+A failure names the seed and the case number.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from linux_replay import replay_init
+
+from harness.deadline import Deadline
+from harness.seam import abi
+from harness.seam.abi import Field, Leaf, OperandId, Status
+from harness.seam.memory import MemoryAccessError, SparseMemory
+from harness.seam.module import SeamcallRequest, SysState, TdxModule, Variant
+from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.trace import REGISTERS
+from harness.transport.errors import ChannelClosed
+from harness.transport.frames import (
+    CRC,
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD,
+    PROTO_VERSION,
+    CallPayload,
+    Decoder,
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    FrameType,
+    Hello,
+    MemReply,
+    MemRequest,
+    ReturnPayload,
+)
+from harness.transport.server import SeamServer
+
+G, M = 1 << 30, 1 << 20
+U64 = (1 << 64) - 1
+SEED = int(os.environ.get("TDXH_FUZZ_SEED", random.SystemRandom().randrange(1 << 32)))
+SCALE = float(os.environ.get("TDXH_FUZZ_SCALE", "1"))
+TEST_DEADLINE = 120.0  # per test: a hang fails naming the case (generous: a loaded 2-core CI runs it 4x slower)
+READ_TIMEOUT = 5.0  # per answer the fake guest waits for
+RAM = [(0, 2 * G)]
+FILLER = bytes(HEADER.size + MAX_PAYLOAD + CRC.size)  # completes any partial frame; holds no magic
+PROBE_LEAF = 0x7777  # an unknown leaf: always TDX_OPERAND_INVALID(RAX), no memory, no state
+
+
+def cases(default: int) -> int:
+    return max(1, int(default * SCALE))
+
+
+def setup_module() -> None:
+    print(f"\nfuzz seed {SEED} (replay with TDXH_FUZZ_SEED={SEED})")
+
+
+# --- running under a deadline -----------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What the fuzz loop is doing, for the failure message."""
+
+    name: str
+    case: int = -1
+    what: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}: seed {SEED}, case {self.case} ({self.what})"
+
+
+def within(seconds: float, progress: Progress, body: Callable[[], None]) -> None:
+    """Run ``body`` on a thread and fail (naming the case) if it has not finished in time."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            body()
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name=progress.name, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"hung for {seconds:.0f}s at {progress}")
+    if failure:
+        err = failure[0]
+        err.add_note(f"at {progress}")
+        raise err
+
+
+def rng_for(name: str) -> random.Random:
+    """One stream per test, so a test replays alone with the same seed."""
+    return random.Random(f"{SEED}:{name}")
+
+
+# --- generated values -------------------------------------------------------------------------
+
+KNOWN_LEAVES = [int(leaf) for leaf in Leaf]
+# The leaves of host initialization: drawn most often, so that sequences get somewhere.
+INIT_LEAVES = [Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_RD, Leaf.TDH_SYS_CONFIG, Leaf.TDH_SYS_KEY_CONFIG,
+               Leaf.TDH_SYS_TDMR_INIT, Leaf.TDH_SYS_DISABLE, Leaf.TDH_PHYMEM_PAGE_RDMD]
+BOUNDARIES = [0, 1, 2, 8, 16, 17, 63, 64, 0xFFF, 0x1000, 0x1008, M, G - 1, G, 2 * G - 0x1000, 2 * G, 3 * G, 4 * G,
+              (1 << 46) - 1, 1 << 46, 1 << 63, U64 - 0xFFF, U64]
+
+
+def reg_value(rng: random.Random) -> int:
+    """Registers as a buggy kernel fills them: boundaries, page addresses, field ids, noise."""
+    roll = rng.random()
+    if roll < 0.25:
+        return 0
+    if roll < 0.45:
+        return rng.choice(BOUNDARIES)
+    if roll < 0.65:
+        return rng.randrange(0, 3 * G, 0x1000)
+    if roll < 0.75:
+        return int(rng.choice(list(Field)))
+    return rng.getrandbits(64)
+
+
+def fn_value(rng: random.Random) -> int:
+    """RAX: modelled, known-but-unmodelled and unknown leaves, versions, junk high bits."""
+    roll = rng.random()
+    if roll < 0.55:
+        leaf = int(rng.choice(INIT_LEAVES))
+    elif roll < 0.75:
+        leaf = rng.choice(KNOWN_LEAVES)
+    else:
+        leaf = rng.choice([5, 12, 99, 0x100, 0x7777, 0xFFFF])
+    version = rng.choice([0, 0, 0, 0, 1, 2, 0xFF])
+    fn = leaf | version << abi.LEAF_VERSION_SHIFT
+    if rng.random() < 0.05:
+        fn |= rng.choice([1 << 24, 1 << 40, abi.P_SEAMLDR_LEAF_BIT])
+    if rng.random() < 0.02:
+        fn = rng.getrandbits(64)
+    return fn
+
+
+def cpu_value(rng: random.Random, platform: PlatformConfig) -> int:
+    if rng.random() < 0.9:
+        return rng.choice(platform.cpus).apic_id
+    return rng.choice([2, 7, 0xFF, 0xFFFFFFFF])  # not CPUs of the platform
+
+
+# --- 1. SEAMCALL sequences straight into the module -------------------------------------------
+
+
+def assert_named_status(status: int) -> None:
+    assert 0 <= status <= U64
+    assert status == 0 or abi.status_name(status) != f"{status:#018x}", f"unnamed status {status:#x}"
+
+
+@dataclass
+class Oracle:
+    """Expectations that hold whatever the sequence: checked after every call."""
+
+    module: TdxModule
+    shut_down: bool = False  # a TDH.SYS.DISABLE succeeded and no TDH.SYS.INIT since
+
+    def check(self, request: SeamcallRequest, status: int, regs: tuple[int, ...]) -> None:
+        module = self.module
+        record = module.trace.records[-1]
+        assert (record.fn, record.cpu, record.status) == (request.fn, request.cpu, status), "trace disagrees"
+        assert_named_status(status)
+        assert len(regs) == len(REGISTERS) and all(0 <= r <= U64 for r in regs)
+        assert {k: v for k, v in record.outputs.items()} == {
+            name: new for name, new, old in zip(REGISTERS, regs, request.regs) if new != old}
+        number = request.fn & abi.LEAF_NUMBER_MASK
+        bad_rax = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        if request.fn & abi.P_SEAMLDR_LEAF_BIT:
+            assert status == Status.TDX_SEAMCALL_VMFAILINVALID
+            return
+        # Which leaves are modelled grows with the module: judge by what the record says.
+        if number not in KNOWN_LEAVES or request.fn >> 24 or "not modelled" in (record.note or ""):
+            assert status == bad_rax
+            return
+        if self.shut_down and number not in (Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE):
+            assert status != 0, f"{record.leaf} succeeded after TDH.SYS.DISABLE"
+        if status == 0 and number == Leaf.TDH_SYS_LP_INIT:
+            assert module.platform.package_of(request.cpu) is not None
+        if status == 0 and number == Leaf.TDH_SYS_DISABLE:
+            self.shut_down = True
+        if status == 0 and number == Leaf.TDH_SYS_INIT:
+            assert request.reg("rcx") == 0
+            self.shut_down = False
+        state = module.state
+        assert state.lp_initialized <= {cpu.apic_id for cpu in module.platform.cpus}
+        if state.sys is SysState.SYS_READY:
+            assert state.packages_configured == set(module.platform.packages)
+            assert state.global_keyid in module.platform.tdx_keyids
+
+
+def fresh_module() -> tuple[TdxModule, SparseMemory]:
+    return TdxModule(PlatformConfig(cmrs=cmrs_for_ram(RAM))), SparseMemory(RAM)
+
+
+def run_sequence(rng: random.Random, length: int) -> list[tuple[int, tuple[int, ...]]]:
+    """A random sequence, half the time after a valid Linux init prefix (so the late-state
+    leaves see a configured module); returns (status, regs) per call for the replay check."""
+    module, memory = fresh_module()
+    oracle = Oracle(module)
+    prefix = rng.random() < 0.5
+    if prefix:
+        replay_init(module, [(M, 2 * G)])
+    requests = [SeamcallRequest(cpu_value(rng, module.platform), fn_value(rng),
+                                tuple(reg_value(rng) for _ in REGISTERS), Variant(rng.randrange(3)))
+                for _ in range(length)]
+    out = []
+    for request in requests:
+        result = module.call(request, memory)
+        oracle.check(request, result.status, result.regs)
+        out.append((result.status, result.regs))
+    # The module is deterministic: the same calls on a fresh module give the same answers.
+    again, memory = fresh_module()
+    if prefix:
+        replay_init(again, [(M, 2 * G)])
+    assert [(r.status, r.regs) for r in (again.call(q, memory) for q in requests)] == out, "not deterministic"
+    return out
+
+
+def test_random_seamcall_sequences_into_the_module():
+    rng, progress = rng_for("sequences"), Progress("module sequences")
+    statuses: set[str] = set()
+
+    def body() -> None:
+        for progress.case in range(cases(3000)):
+            for status, _ in run_sequence(rng, rng.randint(1, 24)):
+                statuses.add(abi.status_name(status & abi.STATUS_MASK))
+    within(TEST_DEADLINE, progress, body)
+    # The generator reaches well past "operand invalid": success, state errors, metadata errors.
+    assert {"TDX_SUCCESS", "TDX_OPERAND_INVALID", "TDX_SYS_LP_INIT_NOT_DONE",
+            "TDX_METADATA_FIELD_ID_INCORRECT"} <= statuses, statuses
+
+
+def mutate_tdmr_bytes(rng: random.Random, data: bytearray) -> None:
+    """Overwrite one 8-byte field of a TDMR_INFO (header or reserved area) with a boundary,
+    a flipped bit or an off-by-a-page value."""
+    offset = rng.randrange(len(data) // 8) * 8
+    (value,) = struct.unpack_from("<Q", data, offset)
+    value = rng.choice([rng.choice(BOUNDARIES), value ^ 1 << rng.randrange(64),
+                        (value + rng.choice([-0x1000, 0x1000, G, -G])) & U64])
+    struct.pack_into("<Q", data, offset, value)
+
+
+class MutatingMemory(SparseMemory):
+    """Guest RAM whose TDMR_INFO reads come back mutated: a kernel with a TDMR bug."""
+
+    def __init__(self, rng: random.Random, ram: list[tuple[int, int]], mutations: int) -> None:
+        super().__init__(ram)
+        self.rng, self.mutations = rng, mutations
+
+    def read(self, pa: int, size: int) -> bytes:
+        data = bytearray(super().read(pa, size))
+        if size > 64:  # a TDMR_INFO, not the PA array
+            for _ in range(self.mutations):
+                mutate_tdmr_bytes(self.rng, data)
+        return bytes(data)
+
+
+def test_mutated_tdmr_info_gets_a_tdmr_status():
+    """Linux's own init sequence with TDMR_INFO fields overwritten: SYS.CONFIG rejects it with
+    a TDMR/PAMT status (or accepts a still valid layout); the failure leaves the module where
+    Linux can retry, as the real module does."""
+    rng, progress = rng_for("tdmr"), Progress("mutated TDMR_INFO")
+    seen: dict[str, int] = {}
+    tdmr_statuses = {s.name for s in Status if s.name.startswith(("TDX_INVALID_", "TDX_NON_ORDERED_", "TDX_PAMT_",
+                                                                     "TDX_TDMR_"))}
+
+    def body() -> None:
+        for progress.case in range(cases(1500)):
+            module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G), (4 * G, 2 * G)])))
+            memory = MutatingMemory(rng, [(M, 2 * G - M), (4 * G, 2 * G)], rng.randint(1, 3))
+            result = replay_init(module, [(M, 2 * G), (4 * G, 6 * G)], memory=memory)
+            name = "ok" if result.ok else abi.status_name(result.status & abi.STATUS_MASK)
+            seen[name] = seen.get(name, 0) + 1
+            if result.failed_leaf == Leaf.TDH_SYS_CONFIG:
+                assert name in tdmr_statuses, name
+                assert module.state.sys is SysState.SYSINIT_DONE and not module.state.tdmrs
+            elif not result.ok:
+                # A mutation the module accepted (a still valid layout): Linux's TDMR.INIT loop
+                # then names a base, or runs to an end, the module does not have.
+                assert result.failed_leaf == Leaf.TDH_SYS_TDMR_INIT, (name, result.failed_leaf)
+                assert result.status in (abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX),
+                                         Status.TDX_TDMR_ALREADY_INITIALIZED), name
+    within(TEST_DEADLINE, progress, body)
+    assert len(seen) >= 5, seen  # the mutations reach many different checks
+
+
+# --- 2. hostile frames through the real server over a Unix socket -----------------------------
+
+
+def raw_frame(ftype: int, seq: int, payload: bytes = b"", *, flags: int = 0, magic: bytes = MAGIC,
+              length: int | None = None, crc_xor: int = 0) -> bytes:
+    """A frame as a buggy guest may build it: any type, flags, length field, magic or CRC."""
+    head = HEADER.pack(magic, ftype, flags, seq & 0xFFFF, len(payload) if length is None else length)
+    return head + payload + CRC.pack(zlib.crc32(head + payload) ^ crc_xor)
+
+
+@dataclass
+class Answers:
+    """What the server sent back during one case."""
+
+    frames: list[Frame] = field(default_factory=list)
+
+    def errors(self, code: ErrorCode | None = None) -> list[tuple[int, ErrorPayload]]:
+        found = [(f.seq, ErrorPayload.parse(f)) for f in self.frames if f.type is FrameType.ERROR]
+        return [(seq, e) for seq, e in found if code is None or e.code is code]
+
+    def error_texts(self, code: ErrorCode | None = None) -> str:
+        return "\n".join(f"{seq}: {e.text}" for seq, e in self.errors(code))
+
+    def returns(self) -> list[Frame]:
+        return [f for f in self.frames if f.type is FrameType.RETURN]
+
+
+ANSWER_TYPES = (FrameType.RETURN, FrameType.ERROR, FrameType.HELLO_ACK)
+
+
+class Guest:
+    """The guest end of a served module: raw bytes out, frames in, every read under a deadline.
+    It answers the module's memory requests like the shim, for the exchanges it keeps open."""
+
+    def __init__(self, server: SeamServer, sock_path: str) -> None:
+        self.server = server
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sock_path)
+        self.decoder = Decoder()
+        self.inbox: list[Frame] = []
+        self.memory = SparseMemory(RAM)
+        self.probe_seq = 0
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _next(self, deadline: Deadline) -> Frame:
+        while not self.inbox:
+            self.sock.settimeout(max(deadline.remaining(), 0.001))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                alive = self.server.thread.is_alive()
+                raise AssertionError(f"no answer within {READ_TIMEOUT}s (server thread alive: {alive}; "
+                                     f"server errors: {self.server.errors[-3:]})") from None
+            if not data:
+                raise ChannelClosed("server closed the channel")
+            for item in self.decoder.feed(data):
+                assert isinstance(item, Frame), f"server sent a bad frame: {item}"
+                self.inbox.append(item)
+        return self.inbox.pop(0)
+
+    def serve_memory(self, frame: Frame) -> None:
+        request = MemRequest.parse(frame)
+        status, data = 0, b""
+        try:
+            if frame.type is FrameType.MEM_READ:
+                data = self.memory.read(request.pa, request.length)
+            else:
+                self.memory.write(request.pa, request.data)
+        except MemoryAccessError:
+            status = 1
+        reply = FrameType.MEM_DATA if frame.type is FrameType.MEM_READ else FrameType.MEM_ACK
+        self.send(MemReply(request.pa, request.length, status, data).frame(frame.seq, reply).encode())
+
+    def until_return(self, seq: int, answer_memory: Callable[[int], bool],
+                     final: tuple[FrameType, ...] = ANSWER_TYPES) -> Answers:
+        """Collect the server's frames until the answer (a ``final`` type) for ``seq``."""
+        answers, deadline = Answers(), Deadline.after(READ_TIMEOUT)
+        while True:
+            frame = self._next(deadline)
+            answers.frames.append(frame)
+            if frame.type in (FrameType.MEM_READ, FrameType.MEM_WRITE) and answer_memory(frame.seq):
+                self.serve_memory(frame)
+            if frame.seq == seq and frame.type in final:
+                return answers
+
+    def probe(self) -> Answers:
+        """An unknown leaf with a fresh seq: the stream is usable again iff it gets its RETURN."""
+        self.probe_seq = 0xF000 + (self.probe_seq + 1) % 0x1000
+        self.send(CallPayload(0, 1, PROBE_LEAF, (0,) * len(REGISTERS)).frame(self.probe_seq).encode())
+        # Only its RETURN ends it: a garbage header before it may claim the same seq by chance.
+        answers = self.until_return(self.probe_seq, lambda seq: False, final=(FrameType.RETURN,))
+        last = answers.frames[-1]
+        assert ReturnPayload.parse(last).status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        assert not self.inbox, f"frames after the probe's RETURN: {self.inbox}"
+        return answers
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def wire(tmp_path) -> Iterator[Guest]:
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram(RAM)))
+    path = str(tmp_path / "seam.sock")
+    server = SeamServer(module, path, mem_timeout=2.0, frame_gap=0.05).start()
+    guest = Guest(server, path)
+    yield guest
+    guest.close()
+    server.stop()
+    assert not server.thread.is_alive()
+
+
+class Kind(enum.Enum):
+    RANDOM_BYTES = "random bytes"
+    TRUNCATED = "truncated frame"
+    OVERSIZED = "oversized length field"
+    BAD_CRC = "wrong CRC"
+    BAD_MAGIC = "wrong magic"
+    UNKNOWN_TYPE = "unknown type or flags"
+    HOST_TYPE = "host-to-guest type from the guest"
+    BAD_SIZE = "valid frame, wrong payload size"
+    GARBAGE_CALL = "valid CALL, garbage registers"
+    GARBAGE_HELLO = "valid HELLO, garbage values"
+    GUEST_ERROR = "ERROR frame from the guest"
+    INTERLEAVED = "a second CPU's CALL inside an exchange"
+    BAD_MEM_REPLY = "wrong memory reply"
+
+
+@dataclass
+class Case:
+    kind: Kind
+    data: bytes  # what the guest sends
+    seq: int = 0  # the seq the hostile frame claims
+    flush: bool = False  # may leave a partial frame: send FILLER after it
+
+
+def hostile_case(rng: random.Random, kind: Kind) -> Case:
+    seq = rng.randrange(1, 0xF000)
+    good = CallPayload(rng.randrange(2), rng.randrange(3), fn_value(rng),
+                       tuple(reg_value(rng) for _ in REGISTERS)).frame(seq).encode()
+    if kind is Kind.RANDOM_BYTES:
+        data = bytearray(rng.randbytes(rng.randint(1, 700)))
+        for _ in range(rng.randint(0, 3)):  # sprinkle magics so headers get parsed too
+            at = rng.randrange(len(data) + 1)
+            data[at:at] = MAGIC
+        return Case(kind, bytes(data), flush=True)
+    if kind is Kind.TRUNCATED:
+        return Case(kind, good[:rng.randrange(HEADER.size, len(good) - 1)], seq, flush=True)
+    if kind is Kind.OVERSIZED:
+        return Case(kind, raw_frame(FrameType.CALL, seq, good[HEADER.size:-CRC.size],
+                                    length=rng.randint(MAX_PAYLOAD + 1, 0xFFFF)), seq, flush=True)
+    if kind is Kind.BAD_CRC:
+        return Case(kind, good[:-CRC.size] + CRC.pack(struct.unpack("<I", good[-CRC.size:])[0]
+                                                      ^ (1 << rng.randrange(32))), seq)
+    if kind is Kind.BAD_MAGIC:
+        data = bytearray(good)
+        data[rng.randrange(2)] ^= 1 << rng.randrange(8)
+        return Case(kind, bytes(data), seq, flush=True)
+    if kind is Kind.UNKNOWN_TYPE:
+        known = {int(t) for t in FrameType}
+        ftype = rng.choice([t for t in range(256) if t not in known])
+        flags = 0 if rng.random() < 0.7 else rng.randint(1, 255)
+        if flags and rng.random() < 0.5:
+            ftype = FrameType.CALL
+        return Case(kind, raw_frame(ftype, seq, good[HEADER.size:-CRC.size], flags=flags), seq)
+    if kind is Kind.HOST_TYPE:
+        ftype = rng.choice([FrameType.HELLO_ACK, FrameType.RETURN, FrameType.MEM_READ, FrameType.MEM_WRITE,
+                            FrameType.MEM_DATA, FrameType.MEM_ACK])
+        return Case(kind, raw_frame(ftype, seq, rng.randbytes(rng.randint(0, 120))), seq)
+    if kind is Kind.BAD_SIZE:
+        ftype, size = rng.choice([(FrameType.CALL, CallPayload.FMT.size), (FrameType.HELLO, Hello.FMT.size)])
+        length = rng.choice([0, size - 1, size + 1, size + 8, rng.randint(0, 300)])
+        length += length == size
+        return Case(kind, raw_frame(ftype, seq, rng.randbytes(length)), seq)
+    if kind is Kind.GARBAGE_CALL:
+        apic = rng.choice([0, 1, 2, rng.getrandbits(32)])
+        variant = rng.choice([0, 1, 2, 2, rng.randrange(3, 256)])
+        payload = struct.pack(f"<IB3xQ{len(REGISTERS)}Q", apic, variant, fn_value(rng),
+                              *(reg_value(rng) for _ in REGISTERS))
+        return Case(kind, raw_frame(FrameType.CALL, seq, payload), seq)
+    if kind is Kind.GARBAGE_HELLO:
+        version = PROTO_VERSION if rng.random() < 0.7 else rng.getrandbits(32)
+        payload = Hello.FMT.pack(version, rng.choice([0, 1, 2, 4096, rng.getrandbits(32)]), rng.getrandbits(32),
+                                 rng.getrandbits(32))
+        return Case(kind, raw_frame(FrameType.HELLO, seq, payload), seq)
+    if kind is Kind.GUEST_ERROR:
+        return Case(kind, raw_frame(FrameType.ERROR, seq, rng.randbytes(rng.randint(0, 80))), seq)
+    raise AssertionError(kind)
+
+
+def check_hostile(guest: Guest, case: Case) -> None:
+    module, server = guest.server.module, guest.server
+    calls, errors, framing = len(module.trace), len(server.errors), len(server._channel.framing_errors)
+    guest.send(case.data + (FILLER if case.flush else b""))
+    if case.kind in (Kind.GARBAGE_CALL, Kind.GARBAGE_HELLO):
+        answers = guest.until_return(case.seq, lambda seq: True)
+    else:
+        answers = Answers()
+    answers.frames += guest.probe().frames
+    new_framing = server._channel.framing_errors[framing:]
+    # Each framing error was reported to the guest, once.
+    assert len(answers.errors(ErrorCode.FRAMING)) == len(new_framing)
+    claimed = {(seq, e.text) for seq, e in answers.errors()}
+    texts = answers.error_texts()
+    if case.kind is Kind.RANDOM_BYTES:
+        assert new_framing, "garbage went unreported"
+        expected = [item for item in Decoder().feed(case.data + FILLER) if not isinstance(item, Frame)]
+        # Header-derived reports do not depend on how the bytes were chunked.
+        assert ({(e.seq, e.reason) for e in expected if e.seq is not None}
+                <= {(e.seq, e.reason) for e in new_framing}), texts
+    elif case.kind is Kind.TRUNCATED:
+        assert any(seq == case.seq and "CRC mismatch" in text for seq, text in claimed), texts
+    elif case.kind is Kind.OVERSIZED:
+        assert any(seq == case.seq and "exceeds" in text for seq, text in claimed), texts
+    elif case.kind is Kind.BAD_CRC:
+        assert (case.seq, next(e.reason for e in new_framing)) in claimed and "CRC mismatch" in texts, texts
+    elif case.kind is Kind.BAD_MAGIC:
+        assert any("magic" in e.reason for e in new_framing), texts
+    elif case.kind is Kind.UNKNOWN_TYPE:
+        assert any(seq == case.seq and "unknown type" in text for seq, text in claimed), texts
+    elif case.kind in (Kind.HOST_TYPE, Kind.BAD_SIZE):
+        assert any(seq == case.seq and e.code is ErrorCode.PROTOCOL for seq, e in answers.errors()), texts
+        assert len(server.errors) > errors and module.anomalies[-1].startswith(f"exchange {case.seq} ")
+    elif case.kind is Kind.GARBAGE_CALL:
+        _, variant = struct.unpack_from("<IB", case.data, HEADER.size)
+        answer = answers.frames[[f.seq for f in answers.frames].index(case.seq)]
+        if variant > 2:
+            assert answer.type is FrameType.ERROR and "variant" in ErrorPayload.parse(answer).text
+        else:
+            # The RETURN carries what the module recorded for this call.
+            assert answer.type is FrameType.RETURN, texts
+            record = module.trace.records[calls]
+            assert ReturnPayload.parse(answer).status == record.status
+            assert_named_status(record.status)
+    elif case.kind is Kind.GARBAGE_HELLO:
+        answer = next(f for f in answers.frames if f.seq == case.seq)
+        (version, cpus, _, _) = Hello.FMT.unpack_from(case.data, HEADER.size)
+        if version != PROTO_VERSION:
+            assert answer.type is FrameType.ERROR and "protocol" in ErrorPayload.parse(answer).text
+        else:
+            assert answer.type is FrameType.HELLO_ACK
+            if cpus != len(module.platform.cpus):
+                assert f"kernel reports {cpus} possible CPUs" in module.anomalies[-1]
+    elif case.kind is Kind.GUEST_ERROR:
+        assert len(server.errors) == errors + 1 and "guest reported" in str(server.errors[-1])
+    # Nothing the hostile bytes held was executed, except the valid CALLs and the probe.
+    executed = 1 + (case.kind is Kind.GARBAGE_CALL and answers.returns()[0].seq == case.seq)
+    assert len(module.trace) == calls + executed, [r.leaf for r in module.trace.records[calls:]]
+
+
+WIRE_KINDS = [k for k in Kind if k not in (Kind.INTERLEAVED, Kind.BAD_MEM_REPLY)]
+
+
+def test_hostile_frames_through_the_server(wire: Guest):
+    rng, progress = rng_for("hostile"), Progress("hostile frames")
+    wire.send(Hello(PROTO_VERSION, 2, 0).frame(1).encode())
+    wire.until_return(1, lambda seq: True)
+    counts: dict[Kind, int] = {}
+
+    def body() -> None:
+        for progress.case in range(cases(5000)):
+            kind = rng.choice(WIRE_KINDS)
+            progress.what = kind.value
+            case = hostile_case(rng, kind)
+            check_hostile(wire, case)
+            counts[kind] = counts.get(kind, 0) + 1
+    within(TEST_DEADLINE, progress, body)
+    assert set(counts) == set(WIRE_KINDS)
+    assert wire.server.thread.is_alive()
+
+
+def module_reading_memory(guest: Guest) -> Callable[[int], bytes]:
+    """TDH.SYS.CONFIG with a valid-looking PA array: after SYS.INIT and every LP.INIT the
+    module asks the guest for memory (MEM_READ) before it answers."""
+    for cpu, leaf in ((0, Leaf.TDH_SYS_INIT), (0, Leaf.TDH_SYS_LP_INIT), (1, Leaf.TDH_SYS_LP_INIT)):
+        seq = 100 + cpu + leaf
+        guest.send(CallPayload(cpu, 1, leaf, (0,) * len(REGISTERS)).frame(seq).encode())
+        guest.until_return(seq, lambda seq: True)
+
+    def config_call(seq: int) -> bytes:
+        regs = (0x10000, 1, 16) + (0,) * (len(REGISTERS) - 3)
+        return CallPayload(0, 1, Leaf.TDH_SYS_CONFIG, regs).frame(seq).encode()
+    return config_call
+
+
+def test_interleaved_cpus_and_bad_memory_replies(wire: Guest):
+    """A CALL from another CPU (or a reboot's HELLO) while an exchange waits for MEM_DATA: the
+    old exchange fails with an ERROR, the new request is still served. Wrong memory replies
+    fail their exchange with a named ERROR. The stream stays usable throughout."""
+    rng, progress = rng_for("interleaved"), Progress("interleaved exchanges")
+    config_call = module_reading_memory(wire)
+    module = wire.server.module
+
+    def body() -> None:
+        for progress.case in range(cases(600)):
+            first, second = 2 * progress.case + 1, 2 * progress.case + 2
+            calls = len(module.trace)
+            ran = 1  # the probe
+            if rng.random() < 0.5:
+                progress.what = Kind.INTERLEAVED.value
+                hello = rng.random() < 0.2
+                interloper = (Hello(PROTO_VERSION, 2, 0).frame(second) if hello else
+                              CallPayload(1, 1, Leaf.TDH_SYS_RD, (0, int(Field.MAX_TDMRS)) + (0,) * 11).frame(second))
+                wire.send(config_call(first) + interloper.encode())
+                answers = wire.until_return(second, lambda seq: False)
+                answers.frames += wire.probe().frames
+                kinds = {f.seq: f.type for f in answers.frames if f.type is not FrameType.MEM_READ}
+                assert kinds[first] is FrameType.ERROR, answers.frames
+                assert kinds[second] is (FrameType.HELLO_ACK if hello else FrameType.RETURN), answers.frames
+                assert "arrived while exchange" in answers.error_texts(ErrorCode.PROTOCOL)
+                assert f"exchange {first} (CALL) failed" in module.anomalies[-1]
+                ran += not hello
+            else:
+                progress.what = Kind.BAD_MEM_REPLY.value
+                wire.send(config_call(first))
+                frame = wire._next(Deadline.after(READ_TIMEOUT))
+                assert frame.type is FrameType.MEM_READ and frame.seq == first, frame
+                asked = MemRequest.parse(frame)
+                reply, text = rng.choice([
+                    (MemReply(asked.pa, asked.length, 0, b"\0" * (asked.length - 1)), "MEM_DATA carries"),
+                    (MemReply(asked.pa + 8, asked.length, 0, b"\0" * asked.length), "another range"),
+                    (MemReply(asked.pa, asked.length, 0, b"\0" * asked.length), "expected MEM_DATA seq"),
+                    (MemReply(asked.pa, asked.length, 0, b"\0" * asked.length), "expected MEM_DATA seq"),
+                ])
+                ftype, seq = FrameType.MEM_DATA, first
+                if text == "expected MEM_DATA seq":
+                    ftype, seq = rng.choice([(FrameType.MEM_ACK, first), (FrameType.MEM_DATA, first + 7)])
+                data = reply.frame(seq, ftype).encode()
+                if seq == first and rng.random() < 0.3:  # or it arrives corrupted (another seq's would
+                    # not end this exchange: it times out, as tested by the server tests)
+                    data, text = data[:-1] + bytes([data[-1] ^ 1]), "was corrupted (CRC mismatch"
+                wire.send(data)
+                answers = wire.until_return(first, lambda seq: False)
+                assert answers.frames[-1].type is FrameType.ERROR
+                answers.frames += wire.probe().frames
+                assert text in answers.error_texts(), answers.error_texts()
+            # The failed exchange changed no state and left no trace record (the trace misses
+            # calls that the transport aborted: see the module's owner).
+            assert module.state.sys is SysState.SYSINIT_DONE
+            assert len(module.trace) == calls + ran
+    within(TEST_DEADLINE, progress, body)
+
+
+def test_truncated_frames_are_reported_after_silence(wire: Guest):
+    """A partial frame followed by silence: after the frame gap the server reports it, names
+    the seq its header claimed, and finds a frame that was swallowed by the partial one."""
+    rng, progress = rng_for("truncated"), Progress("truncated then silence")
+
+    def body() -> None:
+        for progress.case in range(cases(40)):
+            seq = rng.randrange(1, 0xF000)
+            good = CallPayload(0, 1, PROBE_LEAF, (0,) * len(REGISTERS)).frame(seq).encode()
+            cut = rng.randrange(1, len(good) - 1)
+            if rng.random() < 0.5:
+                # Silence: the server reports the partial frame once the gap has passed.
+                wire.send(good[:cut])
+                answers = Answers([wire._next(Deadline.after(READ_TIMEOUT))])
+                (claimed, error), = answers.errors(ErrorCode.FRAMING)
+                assert "truncated frame" in error.text
+                assert claimed == (seq if cut >= HEADER.size else 0)
+                wire.probe()
+            else:
+                # The rest was lost and the next frame followed: it completes the cut frame's
+                # length (a CRC mismatch) or the gap runs out; either way it is found and served.
+                follower = CallPayload(1, 1, PROBE_LEAF, (0,) * 13).frame(seq + 1).encode()
+                wire.send(good[:cut] + follower)
+                answers = wire.until_return(seq + 1, lambda s: False)
+                assert answers.frames[-1].type is FrameType.RETURN
+                assert answers.errors(ErrorCode.FRAMING), "the lost bytes went unreported"
+                answers.frames += wire.probe().frames
+    within(TEST_DEADLINE, progress, body)
+
+
+def test_server_survives_a_module_that_raises(tmp_path):
+    """A module bug (an exception nobody expected) fails that SEAMCALL with an INTERNAL error
+    frame and an anomaly; the next call is served."""
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram(RAM)))
+    calls = {"n": 0}
+    real = module.call
+
+    def flaky(request, memory):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("model bug")
+        return real(request, memory)
+
+    module.call = flaky  # type: ignore[method-assign]
+    path = str(tmp_path / "s.sock")
+    with SeamServer(module, path) as server:
+        guest = Guest(server, path)
+        guest.send(CallPayload(0, 1, PROBE_LEAF, (0,) * 13).frame(5).encode())
+        answers = guest.until_return(5, lambda seq: False)
+        (seq, error), = answers.errors()
+        assert (seq, error.code) == (5, ErrorCode.INTERNAL) and "KeyError" in error.text
+        assert "internal error" in module.anomalies[-1]
+        guest.probe()
+        guest.close()

@@ -1,0 +1,193 @@
+"""No orphans: a harness process that dies (SIGKILL, SIGTERM) or is interrupted (Ctrl-C) leaves no
+QEMU behind; when it can still clean up (Ctrl-C), its sockets go too.
+
+A child process starts a real QEMU through the machine layer (orphan_child.py). The guest is a
+stand-in "kernel" that spins in real mode: QEMU runs, no kernel build is needed. QEMU is found
+by the unique socket directory on its command line, never by name, so other runs on the machine
+are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.deadline import Deadline
+
+CHILD = Path(__file__).with_name("orphan_child.py")
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 60.0  # QEMU start on a loaded 2-core machine
+GONE_TIMEOUT = 15.0  # SIGKILL via the parent-death signal is immediate; stop() allows 5 s for SIGTERM
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("setpriv") is None,
+                                reason="needs qemu-system-x86_64 and setpriv")
+
+
+def spinning_kernel(path: Path) -> Path:
+    """A minimal bzImage (boot protocol 2.15 header) whose real-mode entry is ``jmp $``: QEMU's
+    loader accepts it and the vCPU spins for ever, quietly."""
+    setup_sects = 1
+    image = bytearray(512 * (1 + setup_sects) + 4096)
+    image[0x1F1] = setup_sects
+    struct.pack_into("<H", image, 0x1FE, 0xAA55)
+    image[0x200:0x202] = b"\xeb\xfe"  # jmp $ at the setup entry (segment + 0x20:0)
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, 0x020F)
+    image[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<I", image, 0x22C, 0x7FFFFFFF)  # initrd_addr_max
+    path.write_bytes(bytes(image))
+    return path
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (zombies have none)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Qemu:
+    """A QEMU found by its machine's socket directory (unique per machine: mkdtemp)."""
+
+    sock_dir: Path
+
+    @classmethod
+    def of(cls, command_line: str) -> Qemu:
+        match = re.search(r"path=(/\S+)/con\b", command_line)
+        assert match, f"no console socket on the QEMU command line {command_line!r}"
+        return cls(Path(match.group(1)))
+
+    def alive(self) -> list[int]:
+        return pids_mentioning(f"path={self.sock_dir}/")
+
+    def wait_gone(self, timeout: float) -> bool:
+        deadline = Deadline.after(timeout)
+        while self.alive():
+            if deadline.expired():
+                return False
+            time.sleep(0.05)
+        return True
+
+    def clean_up(self) -> None:
+        """After a failed test: this test's QEMU only, and its directory."""
+        for pid in self.alive():
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@dataclass
+class Harness:
+    """The child harness process and the QEMU it started."""
+
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    qemu: Qemu
+
+
+def read_line(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(deadline.remaining()):
+            raise AssertionError(f"the child did not start its machine within {deadline.seconds:.0f}s")
+    return proc.stdout.readline()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    kernel, initrd = spinning_kernel(tmp_path / "bzImage"), tmp_path / "initrd"
+    initrd.write_bytes(bytes(512))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Its own session, like a shell job: a Ctrl-C goes to its process group only.
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(run_dir), str(kernel), str(initrd)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    child: Harness | None = None
+    try:
+        line = read_line(proc, Deadline.after(START_TIMEOUT))
+        if not line:
+            proc.wait(10)
+            pytest.fail(f"the child failed to start a machine: {proc.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
+        qemu_pid = json.loads(line)["qemu_pid"]
+        child = Harness(proc, run_dir, Qemu.of((run_dir / "qemu.cmdline").read_text()))
+        assert child.qemu.alive() == [qemu_pid], "QEMU is not running under its socket directory"
+        yield child
+    finally:
+        # Whatever happened, this test leaves nothing running (its own processes only).
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if child is not None:
+            child.qemu.clean_up()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_qemu_dies_with_a_killed_harness(harness: Harness, sig: signal.Signals):
+    """No Python code runs: the parent-death signal (setpriv --pdeathsig) must end QEMU."""
+    os.kill(harness.proc.pid, sig)
+    assert harness.proc.wait(10) == -sig
+    assert harness.qemu.wait_gone(GONE_TIMEOUT), f"QEMU {harness.qemu.alive()} outlived its harness"
+    # Nothing could remove the socket directory; a later run does not reuse it (mkdtemp).
+
+
+def test_ctrl_c_stops_qemu_and_cleans_up(harness: Harness):
+    """Ctrl-C: KeyboardInterrupt in the wait, machine.stop() in the finally: QEMU ends, the socket
+    directory goes, and the run directory keeps the logs."""
+    os.killpg(harness.proc.pid, signal.SIGINT)  # what the terminal sends to the foreground job
+    harness.proc.wait(GONE_TIMEOUT)
+    stderr = harness.proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert "KeyboardInterrupt" in stderr, stderr[-2000:]
+    assert harness.qemu.wait_gone(GONE_TIMEOUT), f"QEMU {harness.qemu.alive()} outlived an interrupted harness"
+    sock_dir = harness.qemu.sock_dir
+    assert not sock_dir.exists(), f"{sock_dir} left behind: {list(sock_dir.iterdir())}"
+    assert {"qemu.cmdline", "qemu.log", "seamcalls.jsonl"} <= {p.name for p in harness.run_dir.iterdir()}
+    assert not [p for p in harness.run_dir.iterdir() if p.is_socket()]
+
+
+def test_stop_ends_qemu_even_when_a_close_step_fails(tmp_path: Path):
+    """stop() closes QMP, the console, the module server and the trace before it ends QEMU: one
+    of those failing (or a second Ctrl-C landing in it) must not leave QEMU running until the
+    harness exits, nor its sockets."""
+    from harness.launch import Images, start_machine
+    from harness.machine.qemu import QemuConfig
+
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(bytes(512))
+    machine = start_machine(Images(spinning_kernel(tmp_path / "bzImage"), initrd, None, "spin"),
+                            QemuConfig(cpus=1, memory="256M"), tmp_path / "run")
+    qemu = Qemu.of(" ".join(machine.command))
+    try:
+        assert qemu.alive()
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt  # as a second Ctrl-C during the closes
+
+        machine.module.trace.close = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            machine.stop()
+        assert qemu.wait_gone(GONE_TIMEOUT), "QEMU survived a stop() that was interrupted"
+        assert not qemu.sock_dir.exists()
+    finally:
+        qemu.clean_up()
