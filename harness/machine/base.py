@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.machine.console import CommandResult
+from harness.deadline import Deadline
+from harness.machine.console import CommandResult, Console, ConsoleError
 
 
 class MachineError(Exception):
@@ -54,25 +55,42 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def start(self) -> None: ...
 
-    @abc.abstractmethod
+    # The guest shell over the console, the same on every emulator: a backend sets _console once
+    # its console is connected, and _broken when a failure leaves the machine unusable.
+    _console: Console | None
+    _broken: BaseException | None
+
+    def _require_running(self) -> Console:
+        if self._broken is not None:
+            raise MachineBroken(f"machine is broken: {self._broken}") from self._broken
+        if self.state is not RunState.RUNNING or self._console is None:
+            raise MachineBroken(f"machine is {self.state.value}, not running")
+        return self._console
+
     def wait_ready(self, timeout: float) -> str:
         """Wait for the initramfs readiness marker; returns the guest's kernel release."""
+        console = self._require_running()
+        try:
+            return console.wait_ready(Deadline.after(timeout))
+        except ConsoleError as err:
+            self._broken = err
+            raise
 
-    @abc.abstractmethod
     def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait for ``pattern`` on the console, after what earlier waits consumed."""
+        return self._require_running().expect(pattern, Deadline.after(timeout))
 
-    @abc.abstractmethod
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
         (pass False for commands that print kernel-log lines themselves, like dmesg)."""
-
-    @abc.abstractmethod
-    def console_lines(self) -> list[str]: ...
+        return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
 
     def send(self, cmd: str) -> None:
         """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot send commands")
+        self._require_running().send(cmd)
+
+    def console_lines(self) -> list[str]:
+        return self._console.lines() if self._console else []
 
     def reboot(self, timeout: float) -> str:
         """Reboot from inside the guest and reset the platform (the module is reloaded, as

@@ -42,7 +42,7 @@ from harness.deadline import Deadline
 from harness.images.iso import IsoError, IsoRequest, build_iso
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, bochs_env, fetch_bochs
-from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
+from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
 from harness.machine.qemu import DIE_WITH_PARENT, parse_size
 from harness.seam.faults import FaultPlan
 from harness.seam.module import TdxModule
@@ -440,33 +440,6 @@ class BochsMachine(Machine):
                 continue
             parts.append(f"--- {path.name} ---\n{text}")
         return "\n".join(parts)
-
-    def _require_running(self) -> Console:
-        if self._broken is not None:
-            raise MachineBroken(f"machine is broken: {self._broken}") from self._broken
-        if self.state is not RunState.RUNNING or self._console is None:
-            raise MachineBroken(f"machine is {self.state.value}, not running")
-        return self._console
-
-    def wait_ready(self, timeout: float) -> str:
-        console = self._require_running()
-        try:
-            return console.wait_ready(Deadline.after(timeout))
-        except ConsoleError as err:
-            self._broken = err
-            raise
-
-    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        return self._require_running().expect(pattern, Deadline.after(timeout))
-
-    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
-        return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
-
-    def send(self, cmd: str) -> None:
-        self._require_running().send(cmd)
-
-    def console_lines(self) -> list[str]:
-        return self._console.lines() if self._console else []
 
     def power_off(self, timeout: float = 120.0) -> int | None:
         """``poweroff -f`` in the guest (Bochs exits on the ACPI power-off); falls back to

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -24,7 +23,7 @@ from typing import TextIO
 
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
-from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
+from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
 from harness.machine.qmp import Qmp
 from harness.seam.module import TdxModule
 from harness.transport.server import SeamServer
@@ -232,30 +231,6 @@ class QemuMachine(Machine):
         except OSError:
             return ""
 
-    def _require_running(self) -> Console:
-        if self._broken is not None:
-            raise MachineBroken(f"machine is broken: {self._broken}") from self._broken
-        if self.state is not RunState.RUNNING or self._console is None:
-            raise MachineBroken(f"machine is {self.state.value}, not running")
-        return self._console
-
-    def wait_ready(self, timeout: float) -> str:
-        console = self._require_running()
-        try:
-            return console.wait_ready(Deadline.after(timeout))
-        except ConsoleError as err:
-            self._broken = err
-            raise
-
-    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        return self._require_running().expect(pattern, Deadline.after(timeout))
-
-    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
-        return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
-
-    def send(self, cmd: str) -> None:
-        self._require_running().send(cmd)
-
     def reboot(self, timeout: float) -> str:
         """The guest reboots (``reboot -f``: reboot(2), through the kernel's shutdown path and
         TDH.SYS.DISABLE). QEMU is told to pause instead of resetting, so the module is power-cycled
@@ -293,9 +268,6 @@ class QemuMachine(Machine):
         if self._qmp is None:
             self._qmp = Qmp(self._qmp_path, Deadline.after(timeout))
         return self._qmp
-
-    def console_lines(self) -> list[str]:
-        return self._console.lines() if self._console else []
 
     def power_off(self, timeout: float = 30.0) -> int | None:
         """``poweroff -f`` in the guest; falls back to killing QEMU after ``timeout``."""
