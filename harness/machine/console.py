@@ -6,10 +6,11 @@ Protocol: the shell prints "TDXH-READY <uname -r>" when it reads commands. For e
 harness writes `<cmd>; echo "<token>:$?"` with a fresh random token and reads up to
 "<token>:<status>"; the command's output is what came in between, less kernel messages.
 
-Kernel messages share the console. A whole line starting with a printk timestamp
-("[    1.234567] ...") is taken for a kernel message and left out of command output (it stays in
-the log and in `lines()`); a kernel message that lands inside a line of output cannot be told
-apart and stays in it. A command that prints such lines itself (`dmesg`) needs
+Kernel messages share the console. The kernel writes each record whole, "[    1.234567] text"
+up to its line end, but between any two bytes of the shell's output: "Function not im[    2.04]
+Restarting tasks\nplemented". The shell's side of the protocol (the readiness marker, the end
+marker, command output) is therefore read with every such record taken out, wherever it landed;
+records stay in the log and in `lines()`. A command that prints such lines itself (`dmesg`) needs
 `run(..., strip_printk=False)` or a raw format (`dmesg -r`).
 
 Every wait has a deadline; a wait that fails raises `ConsoleTimeout` or `ConsoleClosed` naming
@@ -35,8 +36,9 @@ from harness.deadline import Deadline
 log = logging.getLogger("harness.machine.console")
 
 READY_PATTERN = re.compile(r"TDXH-READY (\S+)\n")
-# "[    1.234567] text", also with CONFIG_PRINTK_CALLER ("[    1.234567][    T1] text").
-PRINTK_LINE = re.compile(r"\[\s*\d+\.\d+\]")
+# The start of a kernel record on the console, "[    1.234567] text" (also "[    1.234567][    T1]
+# text" with CONFIG_PRINTK_CALLER); the record runs to the end of its line.
+KERNEL_RECORD = re.compile(r"\[\s*\d+\.\d+\]")
 TAIL_LINES = 20
 CHUNK_SIZE = 65536
 # N_TTY keeps at most 4095 characters of a line in canonical mode and drops the rest.
@@ -95,6 +97,71 @@ class ConsoleClosed(ConsoleWaitError):
 class CommandResult:
     status: int
     output: str
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Shell output found at (line, offset) of the console text."""
+
+    line: int
+    offset: int
+    text: str
+
+
+class _ShellText:
+    """The console text after a position with the kernel's records taken out: what the shell
+    printed. A raw line holding a record start ends in that record; the shell's line it
+    interrupted goes on in the next raw line. Each complete raw line is looked at once."""
+
+    def __init__(self, start: _Position) -> None:
+        self._next = start  # the first raw line (and offset in it) not looked at yet
+        self._pending: list[_Piece] = []  # the shell's current line, not ended yet
+        self.lines: list[list[_Piece]] = []  # the shell's complete lines, each with its "\n"
+
+    def feed(self, raw: list[str]) -> list[list[_Piece]]:
+        """Take in the complete raw lines after the last call; returns the shell lines they
+        completed."""
+        line_no, offset = self._next
+        done: list[list[_Piece]] = []
+        while line_no < len(raw) - 1:
+            piece, ended = _shell_part(raw[line_no], line_no, offset)
+            if piece.text:
+                self._pending.append(piece)
+            if ended:
+                done.append(self._pending)
+                self._pending = []
+            line_no, offset = line_no + 1, 0
+        self._next = (line_no, offset)
+        self.lines.extend(done)
+        return done
+
+    def partial(self, raw: list[str]) -> list[_Piece]:
+        """The shell's current line so far, including the partial last raw line."""
+        line_no, offset = self._next
+        piece, _ = _shell_part(raw[line_no], line_no, offset)
+        return [*self._pending, piece]
+
+
+def _shell_part(line: str, line_no: int, offset: int) -> tuple[_Piece, bool]:
+    """The shell's part of one raw line from ``offset``, and whether the shell's line ends there
+    (it does not when a kernel record interrupted it)."""
+    record = KERNEL_RECORD.search(line, offset)
+    if record is None:
+        return _Piece(line_no, offset, line[offset:]), line.endswith("\n")
+    return _Piece(line_no, offset, line[offset:record.start()]), False
+
+
+def _text(pieces: list[_Piece]) -> str:
+    return "".join(piece.text for piece in pieces)
+
+
+def _raw_position(pieces: list[_Piece], index: int) -> _Position:
+    """Where the ``index``-th character of the pieces' text is in the console text."""
+    for piece in pieces:
+        if index <= len(piece.text):
+            return piece.line, piece.offset + index
+        index -= len(piece.text)
+    raise IndexError(index)
 
 
 class Console:
@@ -195,7 +262,8 @@ class Console:
 
     def wait_ready(self, deadline: Deadline) -> str:
         """Wait for the initramfs shell's readiness marker; returns the guest's `uname -r`."""
-        return self._wait(READY_PATTERN, deadline, "the readiness marker TDXH-READY")[1].group(1)
+        match, _, _ = self._wait_shell(READY_PATTERN, deadline, "the readiness marker TDXH-READY")
+        return match.group(1)
 
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run one shell command line in the guest and wait up to `timeout` seconds for its exit
@@ -225,10 +293,14 @@ class Console:
         except OSError as exc:
             raise ConsoleClosed(f"sending failed ({exc})", awaited, self._tail(),
                                 self.log_path) from exc
-        end_line, end = self._wait(re.compile(re.escape(token) + r":(\d+)\n"), deadline, awaited)
-        with self._cond:
-            raw = self._between(start, (end_line, end.start()))
-        return CommandResult(int(end.group(1)), command_output(raw, line, strip_printk))
+        end, shell, end_start = self._wait_shell(re.compile(re.escape(token) + r":(\d+)\n"),
+                                                  deadline, awaited, start)
+        if strip_printk:
+            output = "".join(_text(pieces) for pieces in shell.lines) + end.string[:end.start()]
+        else:
+            with self._cond:
+                output = self._between(start, end_start)
+        return CommandResult(int(end.group(1)), command_output(output, line))
 
     def send(self, cmd: str) -> None:
         """Send one command line without waiting for it to end: for commands after which the
@@ -294,17 +366,40 @@ class Console:
                     if line_no == len(self._lines) - 1:
                         break
                     line_no, offset = line_no + 1, 0
-                if self._closed:
-                    raise ConsoleClosed("console closed", awaited, self._tail(), self.log_path)
-                if self._eof:
-                    why = f"read failed: {self._reader_error}" if self._reader_error else "EOF"
-                    raise ConsoleClosed(f"console ended ({why}; did the emulator exit?)",
-                                        awaited, self._tail(), self.log_path)
-                remaining = deadline.remaining()
-                if remaining <= 0:
-                    raise ConsoleTimeout(f"timed out after {deadline.seconds:g} s", awaited,
-                                         self._tail(), self.log_path)
-                self._cond.wait(remaining)
+                self._check_waiting(deadline, awaited)
+                self._cond.wait(deadline.remaining())
+
+    def _wait_shell(self, regex: re.Pattern[str], deadline: Deadline, awaited: str,
+                    start: _Position | None = None) -> tuple[re.Match[str], _ShellText, _Position]:
+        """Wait for `regex` in one line of the shell's output after `start` (default: the
+        cursor), kernel records taken out; moves the cursor past the match. Returns the match
+        (its string is the shell's line), the shell text before it, and where the match starts in
+        the console text."""
+        with self._cond:
+            shell = _ShellText(self._cursor if start is None else start)
+            while True:
+                done = shell.feed(self._lines)
+                for pieces in [*done, shell.partial(self._lines)]:
+                    match = regex.search(_text(pieces))
+                    if match:
+                        self._cursor = _raw_position(pieces, match.end())
+                        if pieces in done:
+                            del shell.lines[shell.lines.index(pieces):]
+                        return match, shell, _raw_position(pieces, match.start())
+                self._check_waiting(deadline, awaited)
+                self._cond.wait(deadline.remaining())
+
+    def _check_waiting(self, deadline: Deadline, awaited: str) -> None:
+        """Raise if a wait cannot go on: console closed or ended, or the deadline passed."""
+        if self._closed:
+            raise ConsoleClosed("console closed", awaited, self._tail(), self.log_path)
+        if self._eof:
+            why = f"read failed: {self._reader_error}" if self._reader_error else "EOF"
+            raise ConsoleClosed(f"console ended ({why}; did the emulator exit?)",
+                                awaited, self._tail(), self.log_path)
+        if deadline.remaining() <= 0:
+            raise ConsoleTimeout(f"timed out after {deadline.seconds:g} s", awaited,
+                                 self._tail(), self.log_path)
 
     # --- inspection and teardown -----------------------------------------------------------
 
@@ -347,14 +442,8 @@ def _without_line_ends(lines: list[str]) -> list[str]:
     return [line.removesuffix("\n") for line in lines if line]
 
 
-def command_output(raw: str, sent_line: str, strip_printk: bool) -> str:
-    """The output of a command from the console text between sending it and its end marker:
-    without kernel message lines (if `strip_printk`) and without the command line itself when
-    the tty echoed it."""
-    lines = [line + "\n" for line in raw.split("\n")]
-    lines[-1] = lines[-1][:-1]  # raw.split() gave one more piece than there are line ends
-    if strip_printk:
-        lines = [line for line in lines if not PRINTK_LINE.match(line)]
-    if lines and lines[0].rstrip("\n") == sent_line:
-        lines = lines[1:]
-    return "".join(lines)
+def command_output(text: str, sent_line: str) -> str:
+    """A command's output from the text between sending it and its end marker, without the
+    command line itself when the tty echoed it."""
+    first, newline, rest = text.partition("\n")
+    return rest if newline and first == sent_line else text

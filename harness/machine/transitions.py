@@ -114,9 +114,12 @@ class Kexec(Step):
 class CrashDump(Step):
     """Load a capture kernel (``kexec -p``; the running kernel must have booted with
     ``crashkernel=``), panic through sysrq, and wait for the capture kernel's shell. The capture
-    kernel gets the current command line without ``crashkernel=``, plus ``append``."""
+    kernel gets the current command line without ``crashkernel=``, plus ``append``. The panic
+    runs on CPU ``cpu``: the capture kernel boots on the CPU that panicked, and when that is not
+    the BSP, Linux leaves the BSP out ("Crash kernel detected. Disabling real BSP")."""
 
     append: str = "reset_devices"
+    cpu: int = 0
 
     def apply(self, machine: QemuMachine) -> None:
         cmdline = _without_param(current_cmdline(machine), "crashkernel")
@@ -124,7 +127,7 @@ class CrashDump(Step):
         # kexec_file_load (-s): the kexec_load path of kexec-tools needs /proc/kcore for a crash
         # kernel, which the trimmed config leaves out.
         _checked(machine, f"kexec -s -p {KEXEC_KERNEL} --initrd={KEXEC_INITRD} --append={shlex.quote(cmdline)}")
-        machine.send("echo c > /proc/sysrq-trigger")
+        machine.send(f"taskset -c {self.cpu} sh -c 'echo c > /proc/sysrq-trigger'")
         machine.wait_ready(BOOT_TIMEOUT)
 
 

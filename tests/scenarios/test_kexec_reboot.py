@@ -187,3 +187,21 @@ def test_kdump_capture_kernel_with_one_cpu_cannot_configure_the_module(boot):
     log = kernel_log(machine, allow=FAILURES)
     assert int(log.expect(patterns.INIT_FAILED)["errno"]) == -errno.EIO
     assert machine.run("head -c 4 /proc/vmcore | od -An -c", 120).output.split() == ["177", "E", "L", "F"]
+
+
+def test_kdump_from_an_ap_leaves_the_bsp_out_and_the_module_unconfigured(boot):
+    """A panic on CPU 1: the capture kernel boots on that CPU, finds it is not the BSP and never
+    starts the BSP (an INIT to it would reset the machine), so TDH.SYS.LP.INIT misses one LP and
+    TDH.SYS.CONFIG is refused, as with nr_cpus=1. Which CPU panics decides whether a capture
+    kernel can use TDX."""
+    machine = boot(QemuConfig(cpus=2, memory="2G"), append=CRASHKERNEL)
+    kernel_log(machine).expect(patterns.INITIALIZED)
+    [step] = run_steps(machine, [CrashDump(cpu=1)])
+    crashing, capture = crash_records(step, machine)
+    assert [(r.cpu, r.leaf) for r in crashing] == [(1, "TDH.SYS.DISABLE")]
+    assert {r.cpu for r in capture if r.number == Leaf.TDH_SYS_LP_INIT} == {1}
+    assert [r.status for r in capture if r.number == Leaf.TDH_SYS_CONFIG] == [Status.TDX_SYS_CONFIG_NOT_PENDING]
+    log = kernel_log(machine, allow=FAILURES)
+    log.expect(patterns.REAL_BSP_DISABLED)
+    assert int(log.expect(patterns.INIT_FAILED)["errno"]) == -errno.EIO
+    assert machine.run("cat /sys/devices/system/cpu/online", 30).output.strip() == "0"

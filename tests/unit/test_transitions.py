@@ -74,7 +74,9 @@ def test_crash_dump_drops_crashkernel_for_the_capture_kernel() -> None:
     run_steps(machine, [CrashDump()])  # type: ignore[arg-type]
     assert machine.commands[-1].startswith(f"kexec -s -p {KEXEC_KERNEL}")
     assert "crashkernel" not in machine.commands[-1] and "reset_devices" in machine.commands[-1]
-    assert machine.sent == ["echo c > /proc/sysrq-trigger"]
+    assert machine.sent == ["taskset -c 0 sh -c 'echo c > /proc/sysrq-trigger'"]
+    run_steps(machine, [CrashDump(cpu=1)])  # type: ignore[arg-type]
+    assert machine.sent[-1].startswith("taskset -c 1 ")
 
 
 def test_suspend_and_cpu_steps_return_the_command_result() -> None:
