@@ -19,7 +19,7 @@ from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
 from harness.launch import Images, prepare_images, start_machine
 from harness.machine.base import Machine
-from harness.machine.bochs import BochsConfig, BochsMachine, start_bochs_machine
+from harness.machine.bochs import TD_MIN_IPS, BochsConfig, BochsMachine, start_bochs_machine
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
 from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
 from harness.seam.faults import FaultPlan
@@ -170,6 +170,6 @@ def vmx_boot(request: pytest.FixtureRequest, images: Images, artifacts: Path) ->
 
     def start_bochs(cpus: int = 1, memory: str = "1G", platform: PlatformConfig | None = None,
                     faults: FaultPlan | None = None, append: str = "") -> Machine:
-        return bochs(BochsConfig(cpus=cpus, memory=memory), platform, faults, append)
+        return bochs(BochsConfig(cpus=cpus, memory=memory, ips=TD_MIN_IPS), platform, faults, append)
 
     yield start_bochs

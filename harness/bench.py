@@ -9,6 +9,9 @@ Figures (name -> {value, unit, n, median, p99 where relevant}; ``value`` is the 
 - ``seamcall_round_trip``: spacing of the kernel's back-to-back TDH.SYS.RD calls in the module
   trace (host clock: the guest's printk clock stops while the shim polls with IRQs off);
 - ``module_dispatch``: one TDH.SYS.RD through ``TdxModule.call`` in process;
+- ``kvm_flow_2m`` (``--kvm-flow``): on Bochs, the guest agent's KVM flow from KVM_CREATE_VM to
+  KVM_TDX_FINALIZE_VM with 2 MiB of measured memory (512 pages, 8,704 SEAMCALLs for the pages),
+  teardown included; ``kvm_flow_seamcalls`` counts the SEAMCALLs it took;
 - ``default_suite`` (``--suite``) and ``cold_build`` (``--cold-build``, 11+ minutes) on request.
 """
 
@@ -40,6 +43,7 @@ from harness.seam.trace import REGISTERS, TraceRecord
 log = logging.getLogger("harness.bench")
 G = 1 << 30
 BOOT_TIMEOUT = 300.0
+BOCHS_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,38 @@ def bench_boots(boots: int, run_root: Path) -> dict[str, Figure]:
     return boot_figures(samples)
 
 
+KVM_FLOW_PAGES = 512  # 2 MiB
+
+
+def bench_kvm_flow(run_root: Path) -> dict[str, Figure]:
+    """One Bochs machine: load kvm_intel tdx=1, then time the agent's whole flow."""
+    from harness.launch import prepare_images
+    from harness.machine.bochs import TD_MIN_IPS, BochsConfig, start_bochs_machine
+    from harness.machine.bochs_install import fetch_bochs
+    from harness.observe.kvm import LOAD_KVM_INTEL, TO_MEMORY, run_agent
+
+    images = prepare_images(paths.cache_dir())
+    machine = start_bochs_machine(images, BochsConfig(ips=TD_MIN_IPS), run_root / "kvm-flow",
+                                  install=fetch_bochs(paths.cache_dir()))
+    try:
+        machine.wait_ready(BOCHS_TIMEOUT)
+        loaded = machine.run(LOAD_KVM_INTEL, BOCHS_TIMEOUT)
+        if loaded.status:
+            raise RuntimeError(f"kvm_intel tdx=1 did not load: {loaded.output}")
+        before = len(machine.module.trace)
+        start = time.monotonic()
+        run = run_agent(machine, [*TO_MEMORY, f"init_mem_region:pages={KVM_FLOW_PAGES}", "finalize"],
+                        BOCHS_TIMEOUT)
+        seconds = time.monotonic() - start
+        calls = len(machine.module.trace) - before
+    finally:
+        machine.stop()
+    if run.failed():
+        raise RuntimeError(f"the KVM flow failed: {run.failed()}")
+    log.info("KVM flow with %d measured pages: %.1f s, %d SEAMCALLs", KVM_FLOW_PAGES, seconds, calls)
+    return {"kvm_flow_2m": Figure(round(seconds, 3), "s", 1), "kvm_flow_seamcalls": Figure(calls, "calls", 1)}
+
+
 def bench_cold_build() -> Figure:
     """A compile from scratch: a fresh build directory and ccache off (the source is reused)."""
     from harness.kernel.build import BuildRequest, build
@@ -202,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", action="store_true", help="also time the default test suite")
     parser.add_argument("--suite-args", default="", help="extra pytest arguments for --suite, one string")
     parser.add_argument("--cold-build", action="store_true", help="also time a cold kernel build (11+ minutes)")
+    parser.add_argument("--kvm-flow", action="store_true",
+                        help="also time the KVM TDX flow with 2 MiB of measured memory on Bochs (minutes)")
     parser.add_argument("--run-dir", type=Path, help="keep the boots' logs and traces here")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument("--compare", type=Path, metavar="PREVIOUS.json",
@@ -225,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures.update(bench_boots(args.boots, run_root))
     if args.suite:
         figures["default_suite"] = bench_suite(args.suite_args.split())
+    if args.kvm_flow:
+        with tempfile.TemporaryDirectory(prefix="tdxh-bench-") as tmp:
+            figures.update(bench_kvm_flow(args.run_dir or Path(tmp)))
     if args.cold_build:
         figures["cold_build"] = bench_cold_build()
     result = {name: figure.to_json() for name, figure in figures.items()}

@@ -55,6 +55,11 @@ if TYPE_CHECKING:  # launch will dispatch to this module: no import cycle at run
 
 log = logging.getLogger("harness.machine.bochs")
 
+# KVM gives a TD the host's TSC rate and TDH.MNG.INIT refuses a virtual TSC below 100 MHz
+# (TD_PARAMS.TSC_FREQUENCY, in units of 25 MHz, at least 4). Bochs's TSC runs at ``ips``, so a
+# machine that creates TDs needs at least this (its guest clock then runs slower than wall time).
+TD_MIN_IPS = 100_000_000
+
 # Like QEMU's BASE_APPEND (harness/machine/qemu.py), with three differences:
 # - console=ttyS0,115200: Bochs emulates the line rate, and the 8250 console's default 9600 baud
 #   would cost about 1 ms of guest time per character of kernel log;

@@ -684,6 +684,7 @@ def mr_finalize(module: TdxModule, call: _Call) -> int:
         return Status.TDX_NO_VCPUS
     td.mrtd = td.measurement.finalize()
     td.op_state = OpState.RUNNABLE
+    call.note = f"MRTD {td.mrtd.hex()}"  # the trace keeps the measurement after teardown
     return 0
 
 

@@ -13,6 +13,7 @@ from checks import assert_init_sequence, kernel_log, model_from_log
 
 from harness.machine.bochs import BochsConfig
 from harness.observe import patterns
+from harness.observe.kvm import LOAD_KVM_INTEL
 from harness.seam.abi import Field, Leaf
 
 pytestmark = [pytest.mark.vm, pytest.mark.bochs, pytest.mark.slow]
@@ -53,9 +54,6 @@ def test_bochs_two_cpus_lp_init_on_each(bochs_boot):
     assert machine.power_off(POWER_OFF_TIMEOUT) == 0
 
 
-# kvm-intel.ko has no module dependencies here (kvm and irqbypass are built in); insmod works
-# whether or not the build host ran depmod (modprobe needs modules.dep, which depmod writes).
-LOAD_KVM_INTEL = "insmod /lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko tdx=1"
 # What KVM's TDX setup relies on the core having read from the module at boot (tdx_get_sysinfo).
 TD_FIELDS = (Field.TDR_BASE_SIZE, Field.TDCS_BASE_SIZE, Field.TDVPS_BASE_SIZE, Field.ATTRIBUTES_FIXED0,
              Field.ATTRIBUTES_FIXED1, Field.XFAM_FIXED0, Field.XFAM_FIXED1, Field.NUM_CPUID_CONFIG,

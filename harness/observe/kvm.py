@@ -1,0 +1,133 @@
+"""What the guest agent (images/agent/tdx-agent.c) reports, and what Linux 7.3's KVM should
+report for a given module: the capability rules of arch/x86/kvm/vmx/tdx.c, written from the
+kernel source so that tests compare the agent's figures with a model, not with themselves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from harness.machine.console import CommandResult
+from harness.seam.platform import CpuidConfig, PlatformConfig
+
+AGENT = "tdx-agent"
+# kvm-intel.ko has no module dependencies in this config (kvm and irqbypass are built in): insmod
+# works whether or not the build host ran depmod.
+LOAD_KVM_INTEL = "insmod /lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko tdx=1"
+# The documented order up to a TD with one initialized vCPU and private memory at GPA 0
+# (Documentation/virt/kvm/x86/intel-tdx.rst, with SET_CPUID2 before INIT_VCPU as tdx.c needs).
+TO_MEMORY = ("create_vm", "x2apic_api", "split_irqchip", "capabilities", "init_vm", "create_vcpu",
+             "set_cpuid", "init_vcpu", "memory")
+# KVM_SUPPORTED_TDX_TD_ATTRS (tdx.c): the only TD attribute KVM offers is SEPT_VE_DISABLE.
+KVM_SUPPORTED_TD_ATTRS = 1 << 28
+# TDVMCALLINFO_SETUP_EVENT_NOTIFY_INTERRUPT: the one user TDVMCALL KVM reports.
+USER_TDVMCALLINFO_1_R11 = 1 << 1
+KVM_TDX_CPUID_NO_SUBLEAF = 0xFFFFFFFF
+GPAW_SHIFT = 16
+# CPUID bits KVM clears from what it offers and refuses in INIT_VM (tdx_clear_unsupported_cpuid).
+CPUID7_EBX_TSX = (1 << 4) | (1 << 11)  # HLE, RTM
+CPUID7_ECX_WAITPKG = 1 << 5
+
+
+class Runner(Protocol):
+    def run(self, cmd: str, timeout: float) -> CommandResult: ...
+
+
+class AgentError(Exception):
+    """The agent did not run its steps (usage error, missing binary): its output says why."""
+
+
+@dataclass(frozen=True)
+class AgentStep:
+    """One JSON line of the agent: the ioctl it issued, its return and errno, the TDX status
+    KVM reported in hw_error, and the step's own outputs."""
+
+    step: str
+    ioctl: str
+    ret: int
+    errno: int
+    hw_error: int
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.ret >= 0
+
+    @classmethod
+    def parse(cls, line: str) -> AgentStep:
+        data = json.loads(line)
+        return cls(data.pop("step"), data.pop("ioctl"), data.pop("ret"), data.pop("errno"),
+                   data.pop("hw_error"), data)
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    command: str
+    steps: list[AgentStep]
+
+    def __getitem__(self, name: str) -> AgentStep:
+        """The last step of that name (a repeated step's last outcome)."""
+        found = [s for s in self.steps if s.step == name]
+        if not found:
+            raise KeyError(f"no step {name!r} in the run of `{self.command}`: "
+                           f"{[s.step for s in self.steps]}")
+        return found[-1]
+
+    def failed(self) -> list[AgentStep]:
+        return [s for s in self.steps if not s.ok]
+
+
+def run_agent(machine: Runner, steps: Sequence[str], timeout: float) -> AgentRun:
+    """Run the agent in the guest with ``steps`` (each "name[:key=value...]")."""
+    command = " ".join([AGENT, *steps])
+    result = machine.run(command, timeout)
+    lines = [line for line in result.output.splitlines() if line.startswith("{")]
+    if result.status != 0 or len(lines) != len(steps):
+        raise AgentError(f"`{command}` exited {result.status} after {len(lines)} of {len(steps)} "
+                         f"steps:\n{result.output[-2000:]}")
+    return AgentRun(command, [AgentStep.parse(line) for line in lines])
+
+
+# --- KVM's capability rules (tdx.c: init_kvm_tdx_caps, td_init_cpuid_entry2) ---------------------
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+def supported_attrs(platform: PlatformConfig) -> int:
+    """tdx_get_supported_attrs(): 0 when the module forces an attribute KVM does not offer."""
+    if KVM_SUPPORTED_TD_ATTRS & platform.attributes_fixed1 != platform.attributes_fixed1:
+        return 0
+    return KVM_SUPPORTED_TD_ATTRS & platform.attributes_fixed0
+
+
+def supported_xfam(platform: PlatformConfig, kvm_xcr0: int) -> int:
+    """tdx_get_supported_xfam(): KVM's supported XCR0 within the module's XFAM bounds."""
+    if kvm_xcr0 & platform.xfam_fixed1 != platform.xfam_fixed1:
+        return 0
+    return kvm_xcr0 & platform.xfam_fixed0
+
+
+def offered_cpuid(config: CpuidConfig) -> CpuidEntry:
+    """td_init_cpuid_entry2(): a CPUID_CONFIG slot as KVM_TDX_CAPABILITIES reports it."""
+    ebx, ecx, eax = config.ebx, config.ecx, config.eax
+    if config.leaf == 0x80000008:  # the GPAW is KVM's to configure: shown as all ones
+        eax = (eax & ~(0xFF << GPAW_SHIFT)) | 0xFF << GPAW_SHIFT
+    if config.leaf == 7 and config.subleaf == 0:
+        ebx &= ~CPUID7_EBX_TSX
+        ecx &= ~CPUID7_ECX_WAITPKG
+    index = 0 if config.subleaf == KVM_TDX_CPUID_NO_SUBLEAF else config.subleaf
+    return CpuidEntry(config.leaf, index, eax, ebx, ecx, config.edx)
+
+
+def cpuid_entries(step: AgentStep) -> list[CpuidEntry]:
+    return [CpuidEntry(**entry) for entry in step.outputs["cpuid"]]

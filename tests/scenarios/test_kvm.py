@@ -1,0 +1,222 @@
+"""KVM's TDX ioctls (arch/x86/kvm/vmx/tdx.c, Linux 7.3) driven by the guest agent on a machine
+with VMX: QEMU with KVM where the host nests VMX, else Bochs's emulated VMX (``vmx_boot``).
+
+The real kvm_intel runs in the guest; every SEAMCALL it issues reaches the software module. The
+expected figures come from the kernel's rules (harness/observe/kvm.py) and from the TDX module
+ABI (the MRTD below is computed here, from the spec, not by the module's code), never from the
+output under test.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+
+import pytest
+from checks import kernel_log
+
+from harness.machine.base import Machine
+from harness.observe import patterns
+from harness.observe.kvm import (
+    LOAD_KVM_INTEL,
+    TO_MEMORY,
+    USER_TDVMCALLINFO_1_R11,
+    AgentRun,
+    cpuid_entries,
+    offered_cpuid,
+    run_agent,
+    supported_attrs,
+    supported_xfam,
+)
+from harness.seam import abi
+from harness.seam.abi import Leaf, OperandId, Status
+from harness.seam.faults import FaultPlan, busy
+from harness.seam.trace import TraceRecord
+
+pytestmark = [pytest.mark.vm, pytest.mark.vmx]
+
+TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a page costs 17 of them
+KVM_X86_TDX_VM = 5
+PAGE = 4096
+MR_EXTEND_CHUNK = 256
+
+
+def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
+    machine = vmx_boot(faults=faults)
+    loaded = machine.run(LOAD_KVM_INTEL, TIMEOUT)
+    assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
+    return machine
+
+
+def records_since(machine: Machine, start: int) -> list[TraceRecord]:
+    return machine.module.trace.records[start:]
+
+
+def assert_no_td_left(machine: Machine) -> None:
+    """After teardown the module holds no TD, no page it assigned to one, and every guest
+    KeyID is free again (only the module's global KeyID is taken)."""
+    state = machine.module.state
+    assert not state.tds, f"TDs left in the module: {[hex(tdr) for tdr in state.tds]}"
+    assert not state.pages, f"pages still assigned: {[(hex(pa << 12), o) for pa, o in state.pages.items()][:8]}"
+    assert set(state.kot) == {state.global_keyid}, f"KeyIDs not freed: {state.kot}"
+
+
+# --- the spec's MRTD, computed independently of harness/seam/measure.py --------------------------
+
+
+def agent_pages(seed: int, pages: int) -> bytes:
+    """The bytes tdx-agent's fill_pages() writes: xorshift32 (13, 17, 5) words, little-endian."""
+    x, out = seed or 1, bytearray()
+    for _ in range(pages * PAGE // 4):
+        x ^= (x << 13) & 0xFFFFFFFF
+        x ^= x >> 17
+        x ^= (x << 5) & 0xFFFFFFFF
+        out += x.to_bytes(4, "little")
+    return bytes(out)
+
+
+def mrtd(regions: list[tuple[int, int, int, bool]]) -> bytes:
+    """SHA-384 over the TDX module ABI's 128-byte extension records: per page TDH.MEM.PAGE.ADD
+    ("MEM.PAGE.ADD", GPA); per 256-byte chunk of a measured page TDH.MR.EXTEND ("MR.EXTEND",
+    GPA) followed by the chunk. ``regions``: (gpa, pages, seed, measured)."""
+    sha = hashlib.sha384()
+
+    def record(name: bytes, gpa: int) -> bytes:
+        return name + bytes(16 - len(name)) + gpa.to_bytes(8, "little") + bytes(104)
+
+    for gpa, pages, seed, measured in regions:
+        data = agent_pages(seed, pages)
+        for page in range(pages):
+            page_gpa = gpa + page * PAGE
+            sha.update(record(b"MEM.PAGE.ADD", page_gpa))
+            for offset in range(0, PAGE if measured else 0, MR_EXTEND_CHUNK):
+                sha.update(record(b"MR.EXTEND", page_gpa + offset))
+                sha.update(data[page * PAGE + offset:page * PAGE + offset + MR_EXTEND_CHUNK])
+    return sha.digest()
+
+
+def finalized_mrtd(records: list[TraceRecord]) -> bytes:
+    [final] = [r for r in records if r.number == Leaf.TDH_MR_FINALIZE and r.status == 0]
+    assert final.note and final.note.startswith("MRTD "), final
+    return bytes.fromhex(final.note.split()[1])
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+
+def test_kvm_capabilities_match_the_module_and_cgroup_capacity(vmx_boot):
+    machine = kvm_machine(vmx_boot)
+    assert machine.run("cat /sys/module/kvm_intel/parameters/tdx", TIMEOUT).output.strip() == "Y"
+    start = len(machine.module.trace)
+    run = run_agent(machine, ["vm_types", "supported_cpuid", "create_vm", "capabilities", "destroy"], TIMEOUT)
+    assert not run.failed(), run.failed()
+    assert run["vm_types"].ret & 1 << KVM_X86_TDX_VM, "KVM_CAP_VM_TYPES lacks KVM_X86_TDX_VM"
+    platform, caps = machine.module.platform, run["capabilities"]
+    assert caps.outputs["supported_attrs"] == supported_attrs(platform)
+    assert caps.outputs["supported_xfam"] == supported_xfam(platform, run["supported_cpuid"].outputs["xcr0"])
+    assert caps.outputs["user_tdvmcallinfo_1_r11"] == USER_TDVMCALLINFO_1_R11
+    assert cpuid_entries(caps) == [offered_cpuid(c) for c in platform.cpuid_config]
+    # CAPABILITIES answers from what the core read at boot: no SEAMCALL.
+    assert [r.leaf for r in records_since(machine, start)] == []
+    # The misc cgroup's tdx capacity is the guest KeyIDs: the TDX range less the global KeyID.
+    # (The root's misc files appear once the controller is enabled for a child.)
+    mounted = machine.run("mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && "
+                          "echo +misc > /sys/fs/cgroup/cgroup.subtree_control", TIMEOUT)
+    assert mounted.status == 0, mounted.output
+    capacity = machine.run("cat /sys/fs/cgroup/misc.capacity", TIMEOUT).output.split()
+    assert capacity[capacity.index("tdx") + 1] == str(platform.nr_tdx_keyids - 1), capacity
+
+
+def test_kvm_full_flow_to_finalize_measures_and_tears_down(vmx_boot):
+    machine = kvm_machine(vmx_boot)
+    start = len(machine.module.trace)
+    regions = [(0, 4, 7, True), (0x10000, 2, 9, False)]
+    run = run_agent(machine, [*TO_MEMORY,
+                              *(f"init_mem_region:gpa={gpa}:pages={n}:seed={seed}:measure={int(m)}"
+                                for gpa, n, seed, m in regions), "finalize"], TIMEOUT)
+    assert not run.failed(), run.failed()
+    assert [s.outputs["pages_added"] for s in run.steps if s.step == "init_mem_region"] == [4, 2]
+    records = records_since(machine, start)
+    failed = [(r.leaf, r.status_name) for r in records if r.status]
+    assert not failed, f"SEAMCALLs failed: {failed}"
+    count = {leaf: sum(r.number == leaf for r in records) for leaf in Leaf}
+    packages = len(machine.module.platform.packages)
+    assert count[Leaf.TDH_MNG_CREATE] == 1 and count[Leaf.TDH_MNG_KEY_CONFIG] == packages
+    assert count[Leaf.TDH_MEM_PAGE_ADD] == 6
+    assert count[Leaf.TDH_MR_EXTEND] == 4 * PAGE // MR_EXTEND_CHUNK
+    assert finalized_mrtd(records) == mrtd(regions)
+    # The agent exited: KVM destroyed the TD, reclaimed every page and freed the HKID.
+    for leaf in (Leaf.TDH_MNG_VPFLUSHDONE, Leaf.TDH_MNG_KEY_FREEID, Leaf.TDH_PHYMEM_PAGE_RECLAIM):
+        assert count[leaf], f"teardown issued no {leaf.name}"
+    assert_no_td_left(machine)
+    kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
+
+
+def errno_of(run: AgentRun, step: str) -> int:
+    found = run[step]
+    return -found.errno if not found.ok else found.ret
+
+
+# Each case: the agent's steps, the step whose result is checked, and the kernel's answer
+# (tdx.c in 7.3: tdx_get_capabilities, tdx_td_init/setup_tdparams, tdx_vcpu_create, tdx_vcpu_init,
+# tdx_vcpu_init_mem_region, tdx_td_finalize, tdx_get_cmd).
+ERROR_MATRIX = {
+    "capabilities_too_few_entries": (["create_vm", "capabilities:nent=1"], "capabilities", -errno.E2BIG),
+    "capabilities_flags": (["create_vm", "capabilities:flags=1"], "capabilities", -errno.EINVAL),
+    "hw_error_set_on_input": (["create_vm", "capabilities:hw_error=1"], "capabilities", -errno.EINVAL),
+    "init_vm_unsupported_attribute": (["create_vm", "split_irqchip", "init_vm:attributes=1"], "init_vm",
+                                      -errno.EINVAL),  # DEBUG is not in KVM's supported attrs
+    "init_vm_unsupported_xfam": (["create_vm", "init_vm:xfam=0x40003"], "init_vm", -errno.EINVAL),
+    "init_vm_gpaw_40": (["create_vm", "init_vm:gpaw=40"], "init_vm", -errno.EINVAL),
+    "init_vm_leaf_without_slot": (["create_vm", "init_vm:extra_leaf=0x40000000"], "init_vm", -errno.EINVAL),
+    "init_vm_twice": (["create_vm", "split_irqchip", "init_vm", "init_vm"], "init_vm", -errno.EINVAL),
+    "vcpu_before_init_vm": (["create_vm", "split_irqchip", "create_vcpu"], "create_vcpu", -errno.EIO),
+    "vcpu_without_split_irqchip": (["create_vm", "init_vm", "create_vcpu"], "create_vcpu", -errno.EINVAL),
+    "init_vcpu_without_x2apic_cpuid": (["create_vm", "x2apic_api", "split_irqchip", "init_vm", "create_vcpu",
+                                        "init_vcpu"], "init_vcpu", -errno.EINVAL),
+    "init_vcpu_twice": ([*TO_MEMORY[:8], "init_vcpu"], "init_vcpu", -errno.EINVAL),
+    "mem_region_before_init_vcpu": ([*TO_MEMORY[:7], "memory", "init_mem_region"], "init_mem_region",
+                                    -errno.EINVAL),
+    "mem_region_not_private": ([*TO_MEMORY[:8], "memory:private=0", "init_mem_region"], "init_mem_region",
+                               -errno.EINVAL),
+    "mem_region_no_source": ([*TO_MEMORY, "init_mem_region:source=0"], "init_mem_region", -errno.EINVAL),
+    "finalize_before_init_vm": (["create_vm", "finalize"], "finalize", -errno.EINVAL),
+    "finalize_twice": ([*TO_MEMORY, "init_mem_region", "finalize", "finalize"], "finalize", -errno.EINVAL),
+    "mem_region_after_finalize": ([*TO_MEMORY, "init_mem_region", "finalize", "init_mem_region:gpa=0x1000"],
+                                  "init_mem_region", -errno.EINVAL),
+}
+
+
+def test_kvm_order_and_argument_errors_return_the_kernels_errno(vmx_boot):
+    """Every case on one machine, each in a VM of its own; afterwards no SEAMCALL failed, the
+    kernel logged no trouble, and no TD is left in the module."""
+    machine = kvm_machine(vmx_boot)
+    start = len(machine.module.trace)
+    seen = {name: errno_of(run_agent(machine, steps, TIMEOUT), step)
+            for name, (steps, step, _) in ERROR_MATRIX.items()}
+    expected = {name: want for name, (_, _, want) in ERROR_MATRIX.items()}
+    assert seen == expected
+    failed = [(r.leaf, r.status_name) for r in records_since(machine, start) if r.status]
+    assert not failed, f"SEAMCALLs failed: {failed}"
+    assert_no_td_left(machine)
+    kernel_log(machine)  # fails on any WARN, BUG or SEAMCALL error message
+
+
+@pytest.mark.parametrize("leaf", [Leaf.TDH_MEM_SEPT_ADD, Leaf.TDH_MEM_PAGE_ADD])
+def test_kvm_sept_contention_is_retried(vmx_boot, leaf):
+    """TDX_OPERAND_BUSY on the S-EPT tree: KVM's mirror-EPT map returns -EBUSY and the fault is
+    retried (kvm_tdp_mmu_map_private_pfn loops on RET_PF_RETRY), so INIT_MEM_REGION succeeds
+    without a WARN, the measurement is unchanged and teardown leaks nothing."""
+    calls = 3
+    machine = kvm_machine(vmx_boot, FaultPlan([busy(leaf, calls, operand=OperandId.SEPT)]))
+    start = len(machine.module.trace)
+    run = run_agent(machine, [*TO_MEMORY, "init_mem_region:pages=2:seed=5", "finalize"], TIMEOUT)
+    assert not run.failed(), run.failed()
+    records = records_since(machine, start)
+    busy_status = abi.with_operand(Status.TDX_OPERAND_BUSY, OperandId.SEPT)
+    of_leaf = [r for r in records if r.number == leaf]
+    assert [r.status for r in of_leaf[:calls]] == [busy_status] * calls
+    assert all(r.status == 0 for r in of_leaf[calls:]) and of_leaf[calls:]
+    assert finalized_mrtd(records) == mrtd([(0, 2, 5, True)])
+    assert_no_td_left(machine)
+    kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
