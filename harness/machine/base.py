@@ -4,13 +4,36 @@ its errors. Code above this layer never asks which backend it has."""
 from __future__ import annotations
 
 import abc
+import atexit
 import enum
+import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.deadline import Deadline
 from harness.machine.console import CommandResult, Console, ConsoleError
+
+log = logging.getLogger(__name__)
+
+# Every machine that was started, stopped again when the interpreter exits: an interrupt that
+# lands between start() and the caller's try/finally (a Ctrl-C at the wrong bytecode) must still
+# end the emulator's sockets and logs cleanly; the parent-death signal only covers the process.
+_started: list[weakref.ref[Machine]] = []
+
+
+def _stop_started() -> None:
+    for ref in _started:
+        machine = ref()
+        if machine is not None and machine.state is RunState.RUNNING:
+            try:
+                machine.stop()
+            except Exception:  # one machine's failure must not keep the next one running
+                log.exception("stopping %s at exit", machine.run_dir)
+
+
+atexit.register(_stop_started)
 
 
 class MachineError(Exception):
@@ -59,6 +82,11 @@ class Machine(abc.ABC):
     # its console is connected, and _broken when a failure leaves the machine unusable.
     _console: Console | None
     _broken: BaseException | None
+
+    def _track(self) -> None:
+        """Called first in start(): from here on, interpreter exit stops this machine."""
+        _started[:] = [ref for ref in _started if ref() is not None]
+        _started.append(weakref.ref(self))
 
     def _require_running(self) -> Console:
         if self._broken is not None:

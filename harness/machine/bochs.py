@@ -362,6 +362,7 @@ class BochsMachine(Machine):
     def start(self) -> None:
         if self.state is not RunState.NEW:
             raise MachineBroken(f"machine already {self.state.value}")
+        self._track()
         for stale in (self.console_log, self.bochs_log, self.terminal_log):
             stale.unlink(missing_ok=True)  # these append: start each machine afresh
         listener = socket.create_server((HOST, 0))

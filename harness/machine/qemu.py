@@ -163,15 +163,13 @@ class QemuMachine(Machine):
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Unix socket paths must stay short (sun_path is ~108 bytes): keep them in /tmp.
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="tdxh-"))
         self.console_log = self.run_dir / "console.log"
         self.qemu_log = self.run_dir / "qemu.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: Console | None = None
         self._seam: SeamServer | None = None
         self._broken: BaseException | None = None
-        self._qmp_path = self._sock_dir / "qmp"
+        self._sock_dir: Path | None = None
         self._qmp: Qmp | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -179,7 +177,10 @@ class QemuMachine(Machine):
     def start(self) -> None:
         if self.state is not RunState.NEW:
             raise MachineBroken(f"machine already {self.state.value}")
+        self._track()
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
+        # Unix socket paths must stay short (sun_path is ~108 bytes): keep them in /tmp.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="tdxh-"))
         console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:  # every failure below goes through stop(): sockets, trace file, process group
@@ -194,7 +195,7 @@ class QemuMachine(Machine):
             if self.serve_module:
                 self._seam = SeamServer(self.module, seam_path).start()
             self.command = qemu_command(self.config, self.boot, console_path,
-                                        seam_path if self.serve_module else None, self._qmp_path)
+                                        seam_path if self.serve_module else None, self._sock_dir / "qmp")
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
             log.info("$ %s", shlex.join(self.command))
             with open(self.qemu_log, "wb") as out:
@@ -266,7 +267,8 @@ class QemuMachine(Machine):
         """The machine's QMP monitor (connected on first use, closed by stop())."""
         self._require_running()
         if self._qmp is None:
-            self._qmp = Qmp(self._qmp_path, Deadline.after(timeout))
+            assert self._sock_dir is not None  # running machines have one
+            self._qmp = Qmp(self._sock_dir / "qmp", Deadline.after(timeout))
         return self._qmp
 
     def power_off(self, timeout: float = 30.0) -> int | None:
@@ -317,6 +319,7 @@ class QemuMachine(Machine):
                 if proc is not None:
                     self.exitcode = proc.returncode
             finally:
-                shutil.rmtree(self._sock_dir, ignore_errors=True)
+                if self._sock_dir is not None:
+                    shutil.rmtree(self._sock_dir, ignore_errors=True)
         if self.state is RunState.RUNNING:
             self.state = RunState.BROKEN if self._broken else RunState.STOPPED

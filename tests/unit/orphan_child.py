@@ -2,7 +2,10 @@
 machine layer (harness.launch.start_machine -> QemuMachine.start), say where its files are,
 then wait for the guest as a scenario does, until the test kills or interrupts this process.
 
-Usage: python orphan_child.py RUN_DIR KERNEL INITRD
+Usage: python orphan_child.py RUN_DIR KERNEL INITRD [--no-finally]
+
+--no-finally waits outside any try/finally, as if the Ctrl-C landed between start() and the
+caller's try: the machine layer's exit handler must still stop the machine.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from harness.launch import Images, start_machine
 from harness.machine.qemu import QemuConfig
 
 
-def main(run_dir: Path, kernel: Path, initrd: Path) -> int:
+def main(run_dir: Path, kernel: Path, initrd: Path, with_finally: bool) -> int:
     images = Images(kernel, initrd, None, "orphan test kernel")
     machine = start_machine(images, QemuConfig(cpus=1, memory="256M"), run_dir)
     print(json.dumps({"qemu_pid": machine._proc.pid if machine._proc else None}), flush=True)
+    if not with_finally:
+        machine.wait_ready(3600)
+        return 0
     try:
         # The guest never gets ready: the signal lands in the harness's wait, as Ctrl-C does
         # during a real boot (tdxh boot and the pytest fixtures stop the machine the same way).
@@ -29,4 +35,4 @@ def main(run_dir: Path, kernel: Path, initrd: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "--no-finally" not in sys.argv[4:]))

@@ -116,13 +116,15 @@ def read_line(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+def harness(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """The child harness with its machine started; ``request.param`` (indirect) adds child options."""
+    options = list(getattr(request, "param", ()))
     kernel, initrd = spinning_kernel(tmp_path / "bzImage"), tmp_path / "initrd"
     initrd.write_bytes(bytes(512))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Its own session, like a shell job: a Ctrl-C goes to its process group only.
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(run_dir), str(kernel), str(initrd)],
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(run_dir), str(kernel), str(initrd), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     child: Harness | None = None
     try:
@@ -152,8 +154,10 @@ def test_qemu_dies_with_a_killed_harness(harness: Harness, sig: signal.Signals):
     # Nothing could remove the socket directory; a later run does not reuse it (mkdtemp).
 
 
+@pytest.mark.parametrize("harness", [(), ("--no-finally",)], ids=["in_try", "before_try"], indirect=True)
 def test_ctrl_c_stops_qemu_and_cleans_up(harness: Harness):
-    """Ctrl-C: KeyboardInterrupt in the wait, machine.stop() in the finally: QEMU ends, the socket
+    """Ctrl-C: KeyboardInterrupt in the wait, machine.stop() in the finally, or, when it lands before
+    the caller's try (before_try), in the machine layer's exit handler: QEMU ends, the socket
     directory goes, and the run directory keeps the logs."""
     os.killpg(harness.proc.pid, signal.SIGINT)  # what the terminal sends to the foreground job
     harness.proc.wait(GONE_TIMEOUT)
