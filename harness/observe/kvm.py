@@ -29,6 +29,14 @@ GPAW_SHIFT = 16
 # CPUID bits KVM clears from what it offers and refuses in INIT_VM (tdx_clear_unsupported_cpuid).
 CPUID7_EBX_TSX = (1 << 4) | (1 << 11)  # HLE, RTM
 CPUID7_ECX_WAITPKG = 1 << 5
+# struct kvm_run exit reasons and fields (include/uapi/linux/kvm.h) the run step reports.
+KVM_EXIT_IO = 2
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
+KVM_EXIT_INTR = 10
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_SYSTEM_EVENT_TDX_FATAL = 7
+# tdx_report_fatal_error(): system_event.data[] holds the TD's registers by x86 number.
+VCPU_REGS_R11, VCPU_REGS_R12 = 11, 12
 
 
 class Runner(Protocol):
@@ -74,6 +82,10 @@ class AgentRun:
             raise KeyError(f"no step {name!r} in the run of `{self.command}`: "
                            f"{[s.step for s in self.steps]}")
         return found[-1]
+
+    def all(self, name: str) -> list[AgentStep]:
+        """Every step of that name, in order (the exits of repeated run steps)."""
+        return [s for s in self.steps if s.step == name]
 
     def failed(self) -> list[AgentStep]:
         return [s for s in self.steps if not s.ok]

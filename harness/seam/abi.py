@@ -463,3 +463,42 @@ def field_id(cls: int, code: int, non_arch: bool = False) -> int:
 def cpuid_field_code(leaf: int, subleaf: int, element: int) -> int:
     sub = 0x1FE if subleaf == CPUID_NO_SUBLEAF else (subleaf & 0x7F) << 1
     return ((1 if leaf & 0x80000000 else 0) << 16) | ((leaf & 0x7F) << 9) | sub | (element & 1)
+
+
+# --- TD exits (TDH.VP.ENTER returns TDX_SUCCESS with the VMX exit reason in RAX[15:0]) ----------
+
+
+class ExitReason(enum.IntEnum):
+    """VMX basic exit reasons (SDM Appendix C) the module reports from TDH.VP.ENTER."""
+
+    EXCEPTION_NMI = 0
+    EXTERNAL_INTERRUPT = 1
+    TRIPLE_FAULT = 2
+    CPUID = 10
+    HLT = 12
+    IO_INSTRUCTION = 30
+    MSR_READ = 31
+    MSR_WRITE = 32
+    EPT_VIOLATION = 48
+    EPT_MISCONFIG = 49
+    TDCALL = 77
+
+
+class Tdvmcall(enum.IntEnum):
+    """TDG.VP.VMCALL sub-functions (R11) of the GHCI: VMX exit reasons, and the TDX-specific ones."""
+
+    CPUID = ExitReason.CPUID
+    HLT = ExitReason.HLT
+    IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
+    GET_TD_VM_CALL_INFO = 0x10000
+    MAP_GPA = 0x10001
+    REPORT_FATAL_ERROR = 0x10003
+
+
+# GHCI: the registers a TDVMCALL exposes to the VMM, by x86 register number (RCX of the exit):
+# RDX, RBX, RSI, RDI and R8-R15 (Linux's TDVMCALL_EXPOSE_REGS_MASK).
+TDVMCALL_EXPOSE_REGS_MASK = 0xFFCC
+TDVMCALL_STATUS_SUCCESS = 0
+EPT_VIOLATION_ACC_WRITE = 1 << 1  # exit qualification: the access was a write
+EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6  # RDX[3:0]: access to a page not yet accepted
+VCPU_STATE_DETAILS_INTR_PENDING = 1 << 0  # TDVPS VCPU_STATE_DETAILS.VMXIP

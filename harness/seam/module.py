@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from harness.seam import abi, td
 from harness.seam.abi import Field, Leaf, OperandId, PageSize, PageType, Status
+from harness.seam.exits import ExitScript
 from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
 from harness.seam.platform import PlatformConfig
@@ -132,6 +133,7 @@ class TdxModule:
                  trace: Trace | None = None) -> None:
         self.platform = PlatformConfig() if platform is None else platform
         self.faults = FaultPlan() if faults is None else faults
+        self.exits = ExitScript()  # what TDH.VP.ENTER reports (the guest is scripted, not run)
         self.trace = Trace() if trace is None else trace  # an empty Trace is falsy
         self.state = ModuleState()
         self.boots = 0

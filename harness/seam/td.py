@@ -27,6 +27,7 @@ from harness.seam.abi import Leaf, OperandId, PageType, SeptState, Status
 from harness.seam.measure import MR_EXTEND_CHUNK, MrtdBuilder
 from harness.seam.memory import MemoryAccessError
 from harness.seam.td_params import CpuidValue, TdParams
+from harness.seam.trace import REGISTERS
 
 if TYPE_CHECKING:
     from harness.seam.module import TdxModule, _Call
@@ -77,6 +78,7 @@ class Vcpu:
     x2apic_id: int | None = None
     initial_rcx: int = 0
     fields: dict[tuple[bool, int, int], int] = field(default_factory=dict)
+    last_exit: abi.ExitReason | None = None  # the exit the last TDH.VP.ENTER reported
 
 
 @dataclass
@@ -126,6 +128,7 @@ class MdField:
     wr_mask: int
 
 
+_STATE_DETAILS = (True, abi.TdvpsClass.OTHER_GUEST, abi.TDVPS_VCPU_STATE_DETAILS)
 # TDVPS fields KVM reads or writes, with the host masks of the TDX 1.5 field tables.
 _VP_FIELDS: dict[tuple[bool, int, int], MdField] = {
     (False, abi.TdvpsClass.VMCS, abi.VmcsField.POSTED_INTR_NV): MdField(16, 0xFFFF, 0xFFFF),
@@ -139,7 +142,7 @@ _VP_FIELDS: dict[tuple[bool, int, int], MdField] = {
                 abi.SECONDARY_EXEC_BUS_LOCK_DETECTION | abi.SECONDARY_EXEC_NOTIFY_VM_EXITING),
     (False, abi.TdvpsClass.VMCS, abi.VmcsField.NOTIFY_WINDOW): MdField(32, 0xFFFFFFFF, 0xFFFFFFFF),
     (False, abi.TdvpsClass.MANAGEMENT, abi.TDVPS_MANAGEMENT_PEND_NMI): MdField(8, 0xFF, 0xFF),
-    (True, abi.TdvpsClass.OTHER_GUEST, abi.TDVPS_VCPU_STATE_DETAILS): MdField(64, MASK64, 0),
+    _STATE_DETAILS: MdField(64, MASK64, 0),
 }
 
 _INIT, _RUN = OpState.INITIALIZED, OpState.RUNNABLE
@@ -160,6 +163,7 @@ _OP_STATES: dict[int, frozenset[OpState]] = {
     Leaf.TDH_MNG_RD: frozenset({_INIT, _RUN}),
     Leaf.TDH_VP_RD: frozenset({_INIT, _RUN}),
     Leaf.TDH_VP_WR: frozenset({_INIT, _RUN}),
+    Leaf.TDH_VP_ENTER: frozenset({_RUN}),
 }
 
 Handler = Callable[["TdxModule", "_Call"], int]
@@ -495,6 +499,39 @@ def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
         return Status.TDX_METADATA_FIELD_NOT_READABLE
     call.outputs["r8"] = old & md.rd_mask
     return 0
+
+
+def vp_enter(module: TdxModule, call: _Call) -> int:
+    """TDH.VP.ENTER: the checks of the real leaf, then the next scripted exit instead of running
+    guest code. Every register comes back (KVM reads the TDVMCALL's from R10-R15): the ones the
+    exit does not set are cleared, as the module clears what it does not expose."""
+    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    if vcpu is None or td is None:
+        return status
+    status = _build_state(module, td, Leaf.TDH_VP_ENTER)
+    if status:
+        return status
+    if vcpu.state is not VcpuState.READY:
+        return Status.TDX_VCPU_STATE_INCORRECT
+    status = _associate(td, vcpu, call.request.cpu)
+    if status:
+        return status
+    answered = _tdvmcall_answer(vcpu, call)
+    exit_ = module.exits.next()
+    call.outputs.update(dict.fromkeys(REGISTERS, 0))
+    call.outputs.update(exit_.regs)
+    details = vcpu.fields.get(_STATE_DETAILS, 0) & ~abi.VCPU_STATE_DETAILS_INTR_PENDING  # delivered
+    vcpu.fields[_STATE_DETAILS] = details | (abi.VCPU_STATE_DETAILS_INTR_PENDING if exit_.intr_pending else 0)
+    vcpu.last_exit = exit_.reason
+    call.note = f"{answered}exit: {exit_.description}"
+    return Status.TDX_SUCCESS | exit_.reason
+
+
+def _tdvmcall_answer(vcpu: Vcpu, call: _Call) -> str:
+    """What the VMM answered to the vCPU's previous TDVMCALL (R10 status, R11 value), for the trace."""
+    if vcpu.last_exit is not abi.ExitReason.TDCALL:
+        return ""
+    return f"TDVMCALL answered R10={call.reg('r10'):#x} R11={call.reg('r11'):#x}; "
 
 
 def vp_rd(module: TdxModule, call: _Call) -> int:
@@ -894,6 +931,7 @@ HANDLERS: dict[int, Handler] = {
     Leaf.TDH_VP_INIT: vp_init,
     Leaf.TDH_VP_RD: vp_rd,
     Leaf.TDH_VP_WR: vp_wr,
+    Leaf.TDH_VP_ENTER: vp_enter,
     Leaf.TDH_MEM_SEPT_ADD: mem_sept_add,
     Leaf.TDH_MEM_PAGE_ADD: mem_page_add,
     Leaf.TDH_MEM_PAGE_AUG: mem_page_aug,

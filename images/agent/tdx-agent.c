@@ -27,6 +27,11 @@
  *   init_mem_region[:gpa=G][:pages=N][:measure=1][:seed=S][:source=1]
  *                               KVM_TDX_INIT_MEM_REGION from a buffer filled by fill_pages()
  *   finalize                    KVM_TDX_FINALIZE_VM
+ *   run[:timeout_ms=T][:in=V]   KVM_RUN once; prints the exit (exit_reason, and for port I/O
+ *                               port/size/direction/count/data, for a system event type/data,
+ *                               for a failed entry its reason). KVM keeps a halted vCPU in
+ *                               KVM_RUN: an alarm every T ms (default 2000) ends it with EINTR.
+ *                               After an "in" port exit the guest is handed V on the next run.
  *   destroy                     close every fd: KVM tears the TD down
  *
  * Every KVM_MEMORY_ENCRYPT_OP step also takes flags=F and hw_error=H (the kernel refuses a
@@ -45,7 +50,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -157,6 +164,8 @@ static struct {
 	int kvm, vm, vcpu, gmem;
 	struct kvm_cpuid_entry2 caps_cpuid[MAX_ENTRIES];
 	unsigned caps_nent;
+	struct kvm_run *run; /* the vCPU's shared page, mapped by the first run step */
+	size_t run_size;
 } agent = { .kvm = -1, .vm = -1, .vcpu = -1, .gmem = -1 };
 
 static uint64_t arg_or(const struct step *s, const char *key, uint64_t fallback)
@@ -503,9 +512,92 @@ static void step_finalize(const struct step *s)
 	report(s, "KVM_TDX_FINALIZE_VM", ret, err, hw_error, NULL);
 }
 
+static struct kvm_run *map_run(int *err)
+{
+	if (agent.run)
+		return agent.run;
+	long size = checked_ioctl(open_kvm(), KVM_GET_VCPU_MMAP_SIZE, NULL, err);
+	if (size < 0)
+		return NULL;
+	void *page = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, agent.vcpu, 0);
+	if (page == MAP_FAILED) {
+		*err = errno;
+		return NULL;
+	}
+	agent.run_size = (size_t)size;
+	return agent.run = page;
+}
+
+static void on_alarm(int sig)
+{
+	(void)sig; /* only to interrupt KVM_RUN */
+}
+
+/* KVM_RUN under a repeating alarm: an alarm that fires before the ioctl sleeps is not lost. */
+static long run_with_alarm(uint64_t ms, int *err)
+{
+	struct sigaction action = { .sa_handler = on_alarm }; /* no SA_RESTART: KVM_RUN returns EINTR */
+	struct timeval every = { .tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000 };
+	struct itimerval timer = { .it_interval = every, .it_value = every }, off = { 0 };
+	sigaction(SIGALRM, &action, NULL);
+	setitimer(ITIMER_REAL, &timer, NULL);
+	long ret = checked_ioctl(agent.vcpu, KVM_RUN, NULL, err);
+	setitimer(ITIMER_REAL, &off, NULL);
+	return ret;
+}
+
+static uint64_t io_value(const struct kvm_run *run)
+{
+	uint64_t value = 0;
+	memcpy(&value, (const uint8_t *)run + run->io.data_offset, run->io.size <= 8 ? run->io.size : 8);
+	return value;
+}
+
+static void step_run(const struct step *s)
+{
+	int err = 0;
+	struct kvm_run *run = map_run(&err);
+	long ret = run ? run_with_alarm(arg_or(s, "timeout_ms", 2000), &err) : -1;
+	if (!run) {
+		report(s, "KVM_RUN", ret, err, 0, NULL);
+		return;
+	}
+	switch (run->exit_reason) {
+	case KVM_EXIT_IO:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"port\": %u, \"size\": %u, "
+		       "\"direction\": %u, \"count\": %u, \"data\": %" PRIu64, run->exit_reason, run->io.port,
+		       run->io.size, run->io.direction, run->io.count,
+		       run->io.direction == KVM_EXIT_IO_OUT ? io_value(run) : 0);
+		if (run->io.direction == KVM_EXIT_IO_IN) {
+			uint64_t value = arg_or(s, "in", 0);
+			memcpy((uint8_t *)run + run->io.data_offset, &value, run->io.size <= 8 ? run->io.size : 8);
+		}
+		break;
+	case KVM_EXIT_SYSTEM_EVENT: {
+		char data[16 * 24] = "";
+		for (unsigned i = 0, at = 0; i < run->system_event.ndata && i < 16; i++)
+			at += (unsigned)snprintf(data + at, sizeof(data) - at, "%s%" PRIu64, i ? ", " : "",
+						 (uint64_t)run->system_event.data[i]);
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"type\": %u, \"data\": [%s]",
+		       run->exit_reason, run->system_event.type, data);
+		break;
+	}
+	case KVM_EXIT_FAIL_ENTRY:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"hardware_entry_failure_reason\": %"
+		       PRIu64, run->exit_reason, (uint64_t)run->fail_entry.hardware_entry_failure_reason);
+		break;
+	default:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u", run->exit_reason);
+	}
+}
+
 static void step_destroy(const struct step *s)
 {
 	int *fds[] = { &agent.vcpu, &agent.gmem, &agent.vm };
+	if (agent.run) { /* the mapping holds the vCPU file: KVM would not tear down */
+		munmap(agent.run, agent.run_size);
+		agent.run = NULL;
+	}
 	for (unsigned i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
 		if (*fds[i] >= 0) {
 			close(*fds[i]);
@@ -531,6 +623,7 @@ static const struct {
 	{ "memory", step_memory },
 	{ "init_mem_region", step_init_mem_region },
 	{ "finalize", step_finalize },
+	{ "run", step_run },
 	{ "destroy", step_destroy },
 };
 

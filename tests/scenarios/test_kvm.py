@@ -18,9 +18,17 @@ from checks import kernel_log
 from harness.machine.base import Machine
 from harness.observe import patterns
 from harness.observe.kvm import (
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_SYSTEM_EVENT_TDX_FATAL,
     LOAD_KVM_INTEL,
     TO_MEMORY,
     USER_TDVMCALLINFO_1_R11,
+    VCPU_REGS_R11,
+    VCPU_REGS_R12,
     AgentRun,
     cpuid_entries,
     offered_cpuid,
@@ -28,7 +36,7 @@ from harness.observe.kvm import (
     supported_attrs,
     supported_xfam,
 )
-from harness.seam import abi
+from harness.seam import abi, exits
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.faults import FaultPlan, busy
 from harness.seam.trace import TraceRecord
@@ -220,3 +228,81 @@ def test_kvm_sept_contention_is_retried(vmx_boot, leaf):
     assert finalized_mrtd(records) == mrtd([(0, 2, 5, True)])
     assert_no_td_left(machine)
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
+
+
+# --- KVM_RUN: TDH.VP.ENTER answered with scripted exits ---------------------------------------------
+
+FINALIZED = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize"]
+
+
+def vp_entries(records: list[TraceRecord]) -> list[TraceRecord]:
+    return [r for r in records if r.number == Leaf.TDH_VP_ENTER]
+
+
+def vendor_registers(vendor: str) -> tuple[int, int, int]:
+    """CPUID leaf 0's EBX, ECX, EDX for a vendor string ("GenuineIntel": "Genu", "ntel", "ineI")."""
+    raw = vendor.encode()
+    return (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[8:12], "little"),
+            int.from_bytes(raw[4:8], "little"))
+
+
+def test_kvm_run_handles_scripted_td_exits(vmx_boot):
+    """KVM_RUN on a finalized TD, the guest scripted exit by exit: port I/O goes to userspace
+    (out: the value; in: the agent's answer reaches the guest in R11), CPUID is answered by KVM
+    from the vCPU's CPUID, an EPT violation on an unmapped private GPA is fixed by
+    TDH.MEM.PAGE.AUG, a HLT with an interrupt pending re-enters at once, a fatal error reaches
+    userspace as a SYSTEM_EVENT with the TD's registers, and a HLT with interrupts blocked keeps
+    the vCPU in KVM_RUN until a signal."""
+    machine = kvm_machine(vmx_boot)
+    vendor = machine.run("grep -m1 vendor_id /proc/cpuinfo", TIMEOUT).output.split(":", 1)[1].strip()
+    unmapped, in_value, fatal = 0x100000, 0x5A, 0xDEAD
+    machine.module.exits.add(exits.io(0x3F8, 1, write=True, value=0x41), exits.io(0x3FD, 1, write=False),
+                             exits.cpuid(0), exits.ept_violation(unmapped), exits.hlt(intr_pending=True),
+                             exits.fatal_error(fatal), exits.hlt(irq_blocked=True))
+    start = len(machine.module.trace)
+    run = run_agent(machine, [*FINALIZED, "run", f"run:in={in_value}", "run", "run:timeout_ms=1000", "destroy"],
+                    TIMEOUT)
+    assert not [s for s in run.failed() if s.step != "run"], run.failed()
+    out, port_in, fatal_exit, halted = run.all("run")
+    assert (out.outputs["exit_reason"], out.outputs["direction"], out.outputs["port"], out.outputs["size"],
+            out.outputs["data"]) == (KVM_EXIT_IO, KVM_EXIT_IO_OUT, 0x3F8, 1, 0x41)
+    assert (port_in.outputs["exit_reason"], port_in.outputs["direction"], port_in.outputs["port"]) == \
+        (KVM_EXIT_IO, KVM_EXIT_IO_IN, 0x3FD)
+    assert (fatal_exit.outputs["exit_reason"], fatal_exit.outputs["type"]) == \
+        (KVM_EXIT_SYSTEM_EVENT, KVM_SYSTEM_EVENT_TDX_FATAL)
+    data = fatal_exit.outputs["data"]
+    assert (data[VCPU_REGS_R11], data[VCPU_REGS_R12]) == (abi.Tdvmcall.REPORT_FATAL_ERROR, fatal)
+    assert (halted.ret, halted.errno, halted.outputs["exit_reason"]) == (-1, errno.EINTR, KVM_EXIT_INTR)
+
+    records = records_since(machine, start)
+    entries = vp_entries(records)
+    reasons = [r.status for r in entries]
+    assert reasons == [abi.ExitReason.TDCALL] * 3 + [abi.ExitReason.EPT_VIOLATION] + [abi.ExitReason.TDCALL] * 3
+    # What KVM handed back on each re-entry (the inputs of the next TDH.VP.ENTER).
+    after_in, after_cpuid = entries[2].inputs, entries[3].inputs
+    assert (after_in["r10"], after_in["r11"]) == (abi.TDVMCALL_STATUS_SUCCESS, in_value)
+    assert (after_cpuid["r13"], after_cpuid["r14"], after_cpuid["r15"]) == vendor_registers(vendor)
+    augs = [r for r in records if r.number == Leaf.TDH_MEM_PAGE_AUG]
+    assert [r.inputs["rcx"] & ~0xFFF for r in augs] == [unmapped] and augs[0].status == 0
+    assert entries[3].seq < augs[0].seq < entries[4].seq, "the AUG must come between the fault and re-entry"
+    assert not [r for r in records if r.status and r.number != Leaf.TDH_VP_ENTER]
+    assert_no_td_left(machine)
+    kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
+
+
+def test_kvm_run_busy_entry_retried_and_unaccepted_access_kills_the_td(vmx_boot):
+    """Zero-step mitigation: TDH.VP.ENTER busy on the S-EPT tree is re-entered from KVM's fast
+    path with no exit to userspace and no WARN; then an EPT violation on a private page the guest
+    has not accepted is fatal for the VM (-EIO) with KVM's message, and teardown leaks nothing."""
+    calls = 2
+    machine = kvm_machine(vmx_boot, FaultPlan([busy(Leaf.TDH_VP_ENTER, calls, operand=OperandId.SEPT)]))
+    machine.module.exits.add(exits.ept_violation(0x1000, pending=True))
+    start = len(machine.module.trace)
+    run = run_agent(machine, [*FINALIZED, "run", "destroy"], TIMEOUT)
+    assert (run["run"].ret, run["run"].errno) == (-1, errno.EIO)
+    entries = vp_entries(records_since(machine, start))
+    busy_status = abi.with_operand(Status.TDX_OPERAND_BUSY, OperandId.SEPT)
+    assert [r.status for r in entries] == [busy_status] * calls + [abi.ExitReason.EPT_VIOLATION]
+    match = kernel_log(machine).expect(patterns.KVM_ACCESS_BEFORE_ACCEPT)
+    assert (int(match["gpa"], 16), int(match["vcpu"])) == (0x1000, 0)
+    assert_no_td_left(machine)

@@ -18,6 +18,7 @@ from harness.seam.abi import Field, Leaf, Status
 from harness.seam.memory import SparseMemory
 from harness.seam.module import SeamcallResult, TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.trace import REGISTERS
 
 G = 1 << 30
 M = 1 << 20
@@ -277,6 +278,11 @@ class KvmTd:
     def finalize(self) -> None:
         self.sc(Leaf.TDH_MR_FINALIZE, rcx=self.tdr)
         self.runnable = True
+
+    # KVM_RUN -> tdx_vcpu_enter_exit(): RCX = TDVPR, the other registers as KVM left them
+    def enter(self, vcpu: KvmVcpu, **regs: int) -> tuple[int, dict[str, int]]:
+        result = call(self.module, self.memory, vcpu.cpu, Leaf.TDH_VP_ENTER, **{**regs, "rcx": vcpu.tdvpr})
+        return result.status, dict(zip(REGISTERS, result.regs))
 
     def mrtd(self) -> bytes:
         elements = [self.sc(Leaf.TDH_MNG_RD, rcx=self.tdr, rdx=19 << 56 | i).regs[2] for i in range(6)]

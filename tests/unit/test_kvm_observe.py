@@ -1,15 +1,24 @@
-"""The agent's output parser on a stored run (tests/data/tdx-agent-flow.jsonl: the agent's lines
-from a Bochs run of the whole flow), and KVM's capability rules on constructed module configs."""
+"""The agent's output parser on stored runs (tests/data/tdx-agent-flow.jsonl: the agent's lines
+from a Bochs run of the whole flow; tdx-agent-run.jsonl: the flow then KVM_RUN through scripted
+exits), and KVM's capability rules on constructed module configs."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 
 from harness.machine.console import CommandResult
 from harness.observe.kvm import (
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_SYSTEM_EVENT,
     KVM_SUPPORTED_TD_ATTRS,
+    KVM_SYSTEM_EVENT_TDX_FATAL,
+    VCPU_REGS_R12,
     AgentError,
     CpuidEntry,
     offered_cpuid,
@@ -20,6 +29,7 @@ from harness.observe.kvm import (
 from harness.seam.platform import CpuidConfig, PlatformConfig
 
 FLOW = Path(__file__).parent.parent / "data" / "tdx-agent-flow.jsonl"
+RUN = FLOW.with_name("tdx-agent-run.jsonl")
 
 
 class FakeGuest:
@@ -32,8 +42,8 @@ class FakeGuest:
         return self.result
 
 
-def stored_run(steps: list[str]):
-    return run_agent(FakeGuest(0, FLOW.read_text()), steps, 5)
+def stored_run(steps: list[str], path: Path = FLOW):
+    return run_agent(FakeGuest(0, path.read_text()), steps, 5)
 
 
 def test_stored_flow_parses_step_by_step() -> None:
@@ -46,6 +56,18 @@ def test_stored_flow_parses_step_by_step() -> None:
     assert run["init_mem_region"].outputs["pages_added"] == 2
     with pytest.raises(KeyError, match="no step 'run'"):
         run["run"]
+
+
+def test_stored_kvm_run_exits_parse_by_kind() -> None:
+    """Port I/O out and in, the TD's fatal error as a system event, then a halted vCPU interrupted."""
+    run = stored_run([f"s{i}" for i in range(len(RUN.read_text().splitlines()))], RUN)
+    exits = run.all("run")
+    assert [e.outputs["exit_reason"] for e in exits] == [KVM_EXIT_IO, KVM_EXIT_IO, KVM_EXIT_SYSTEM_EVENT,
+                                                         KVM_EXIT_INTR]
+    assert [e.outputs["direction"] for e in exits[:2]] == [KVM_EXIT_IO_OUT, KVM_EXIT_IO_IN]
+    assert exits[2].outputs["type"] == KVM_SYSTEM_EVENT_TDX_FATAL and len(exits[2].outputs["data"]) == 16
+    assert exits[2].outputs["data"][VCPU_REGS_R12] == 0xDEAD
+    assert not exits[3].ok and exits[3].errno == errno.EINTR and run.failed() == [exits[3]]
 
 
 def test_errno_and_failures() -> None:

@@ -12,7 +12,9 @@ from kvm_replay import (
     KVM_SUPPORTED_TDX_TD_ATTRS,
     PAGE,
     RAM,
+    TDVPS_CLASS_OTHER_GUEST,
     KvmTd,
+    KvmVcpu,
     PageAllocator,
     SeamcallFailed,
     kvm_td_params,
@@ -24,7 +26,7 @@ from kvm_replay import (
 )
 from linux_replay import call
 
-from harness.seam import abi, measure
+from harness.seam import abi, exits, measure
 from harness.seam.abi import Field, Leaf, OperandId, PageType, SeptState, Status
 from harness.seam.faults import FaultPlan, FaultRule, busy
 from harness.seam.memory import SparseMemory
@@ -568,3 +570,74 @@ def test_two_tds_have_separate_keys_and_pages():
     assert b.tdr in module.state.tds and a.tdr not in module.state.tds
     b.destroy()
     assert td_pages(module) == {}
+
+
+# --- (d) TDH.VP.ENTER: scripted exits ---------------------------------------------------------------
+
+
+def running_td() -> tuple[KvmTd, KvmVcpu]:
+    td = built_td()
+    td.finalize()
+    return td, td.vcpus[0]
+
+
+def test_vp_enter_returns_each_scripted_exit_in_the_registers_kvm_reads():
+    td, vcpu = running_td()
+    td.module.exits.add(exits.io(0x3F8, 1, write=True, value=0x41), exits.cpuid(0x1), exits.ept_violation(0x2000))
+    status, regs = td.enter(vcpu)
+    # tdx_to_vmx_exit_reason(): TDX_SUCCESS, RAX[15:0] = TDCALL; tdvmcall_leaf() = R11; tdx_emulate_io()
+    assert status == abi.ExitReason.TDCALL
+    assert (regs["r10"], regs["r11"], regs["r12"], regs["r13"], regs["r14"], regs["r15"]) == \
+        (0, abi.Tdvmcall.IO_INSTRUCTION, 1, 1, 0x3F8, 0x41)
+    assert regs["rcx"] == abi.TDVMCALL_EXPOSE_REGS_MASK and regs["rbx"] == regs["r8"] == 0
+    status, regs = td.enter(vcpu, r10=abi.TDVMCALL_STATUS_SUCCESS, r11=0)  # KVM's answer to the out
+    assert status == abi.ExitReason.TDCALL and (regs["r11"], regs["r12"], regs["r13"]) == (abi.Tdvmcall.CPUID, 1, 0)
+    assert td.module.trace.records[-1].note.startswith("TDVMCALL answered R10=0x0 R11=0x0; exit: TDVMCALL<CPUID>")
+    status, regs = td.enter(vcpu, r12=0x806F8, r13=0, r14=0, r15=0)
+    # tdx_enter_exit(): exit_qualification = RCX, ext_exit_qualification = RDX, exit_gpa = R8
+    assert status == abi.ExitReason.EPT_VIOLATION
+    assert (regs["rcx"], regs["rdx"], regs["r8"]) == (abi.EPT_VIOLATION_ACC_WRITE, 0, 0x2000)
+    status, regs = td.enter(vcpu)  # nothing left: the guest reports a fatal error, KVM exits to userspace
+    assert status == abi.ExitReason.TDCALL
+    assert (regs["r11"], regs["r12"]) == (abi.Tdvmcall.REPORT_FATAL_ERROR, exits.SCRIPT_ENDED_ERROR)
+
+
+def test_hlt_with_an_interrupt_pending_shows_in_vcpu_state_details_until_the_next_entry():
+    """tdx_protected_apic_has_interrupt() reads TDVPS VCPU_STATE_DETAILS after a HLT with IRQs on."""
+    td, vcpu = running_td()
+    td.module.exits.add(exits.hlt(intr_pending=True), exits.hlt(irq_blocked=True))
+    details = TDVPS_CLASS_OTHER_GUEST << 56 | abi.FIELD_NON_ARCH | abi.TDVPS_VCPU_STATE_DETAILS
+
+    def state_details() -> int:
+        return td.sc(Leaf.TDH_VP_RD, cpu=vcpu.cpu, rcx=vcpu.tdvpr, rdx=details).regs[2]
+
+    status, regs = td.enter(vcpu)
+    assert (status, regs["r11"], regs["r12"]) == (abi.ExitReason.TDCALL, abi.Tdvmcall.HLT, 0)
+    assert state_details() & abi.VCPU_STATE_DETAILS_INTR_PENDING
+    status, regs = td.enter(vcpu)
+    assert regs["r12"] == 1 and not state_details() & abi.VCPU_STATE_DETAILS_INTR_PENDING
+
+
+def test_vp_enter_checks_before_running_anything():
+    td = built_td()
+    vcpu = td.vcpus[0]
+    td.module.exits.add(exits.hlt())
+    assert td.enter(vcpu)[0] == Status.TDX_OP_STATE_INCORRECT  # not finalized (KVM refuses KVM_RUN first)
+    td.finalize()
+    other = next(c.apic_id for c in td.module.platform.cpus if c.apic_id != vcpu.cpu)
+    result = call(td.module, td.memory, other, Leaf.TDH_VP_ENTER, rcx=vcpu.tdvpr)
+    assert result.status == Status.TDX_VCPU_ASSOCIATED  # still associated with its LP: no VP.FLUSH
+    result = call(td.module, td.memory, vcpu.cpu, Leaf.TDH_VP_ENTER, rcx=td.tdr)
+    assert result.status == op(Status.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
+    assert len(td.module.exits.queued) == 1, "the checks that failed consumed no exit"
+    assert td.enter(vcpu)[1]["r11"] == abi.Tdvmcall.HLT
+
+
+def test_busy_vp_entry_consumes_no_exit():
+    """Zero-step mitigation: VP.ENTER fails TDX_OPERAND_BUSY(SEPT) and KVM simply enters again."""
+    td, vcpu = running_td()
+    td.module.faults.add(busy(Leaf.TDH_VP_ENTER, 2, OperandId.SEPT))
+    td.module.exits.add(exits.io(0x80, 1, write=True, value=1))
+    busy_status = op(Status.TDX_OPERAND_BUSY, OperandId.SEPT)
+    assert [td.enter(vcpu)[0] for _ in range(3)] == [busy_status, busy_status, abi.ExitReason.TDCALL]
+    assert td.enter(vcpu)[1]["r11"] == abi.Tdvmcall.REPORT_FATAL_ERROR
