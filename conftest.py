@@ -17,14 +17,17 @@ import pytest
 from harness import paths
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
+from harness.kernel.inspect import check_kernel
 from harness.launch import Images, prepare_images, start_machine
 from harness.machine.base import Machine
 from harness.machine.bochs import TD_MIN_IPS, BochsConfig, BochsMachine, start_bochs_machine
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
 from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
+from harness.repro import write_bundle
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
 
+REPRO_BUNDLE = "repro.tar.gz"
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
 
@@ -33,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tdx-harness")
     group.addoption("--kernel", type=Path, default=os.environ.get("TDXH_KERNEL"),
                     help="boot this prebuilt bzImage [TDXH_KERNEL]")
+    group.addoption("--initramfs", type=Path, default=os.environ.get("TDXH_INITRAMFS"),
+                    help="with --kernel: boot this initramfs instead of building one (tdxh repro) [TDXH_INITRAMFS]")
     group.addoption("--kernel-tree", type=Path, default=os.environ.get("TDXH_KERNEL_TREE"),
                     help="build and boot this kernel tree [TDXH_KERNEL_TREE]")
     group.addoption("--backend", default=os.environ.get("TDXH_BACKEND", "qemu"), choices=["qemu"],
@@ -47,10 +52,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def images(request: pytest.FixtureRequest) -> Images:
     """Kernel and initramfs for this session (the default build is cached across sessions)."""
     opt = request.config.getoption
-    kernel, tree = opt("--kernel"), opt("--kernel-tree")
+    kernel, tree, initramfs = opt("--kernel"), opt("--kernel-tree"), opt("--initramfs")
     if kernel and tree:
         raise pytest.UsageError("--kernel and --kernel-tree are exclusive")
-    found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree)
+    if initramfs and not kernel:
+        raise pytest.UsageError("--initramfs goes with --kernel (the initramfs carries that kernel's modules)")
+    if initramfs:
+        if not initramfs.is_file():
+            raise pytest.UsageError(f"--initramfs {initramfs}: no such file")
+        check_kernel(kernel)
+        found = Images(kernel, initramfs, None, str(kernel))
+    else:
+        found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree)
     request.config.stash[_IMAGES] = found
     return found
 
@@ -71,9 +84,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.when == "call":
         item.stash[_FAILED] = report.failed
+    if report.failed and report.when in ("setup", "call"):
+        item.stash[_FAILURE] = report.longreprtext
 
 
 _FAILED = pytest.StashKey[bool]()
+_FAILURE = pytest.StashKey[str]()
 
 
 @pytest.fixture
@@ -83,7 +99,13 @@ def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     path = request.config.getoption("--artifacts").resolve() / name
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    yield path
+    yield path  # the machines are stopped by now (their fixtures depend on this one)
+    failure = request.node.stash.get(_FAILURE, None)
+    images = request.config.stash.get(_IMAGES, None)
+    if failure is not None and images is not None and "images" in request.fixturenames:
+        bundle = write_bundle(path / REPRO_BUNDLE, request.node.nodeid, failure, images.kernel, images.initrd,
+                              images.identity, path)
+        print(f"\nreproducer bundle: {bundle} (re-run it with `tdxh repro {bundle}`)")
     if not request.node.stash.get(_FAILED, True) and not request.config.getoption("--keep-artifacts"):
         shutil.rmtree(path, ignore_errors=True)
 

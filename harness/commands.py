@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from harness.machine.base import MachineError
 from harness.machine.bochs_install import HOST_LIBRARY_PACKAGES, BochsUnavailable, fetch_bochs
 from harness.machine.console import ConsoleError
 from harness.machine.qemu import QemuConfig, parse_size
+from harness.repro import BundleError, harness_commit, open_bundle, reproduce
 from harness.run import CommandError, run
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
@@ -136,6 +138,32 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_repro(args: argparse.Namespace) -> int:
+    work = args.work or Path(paths.cache_dir()) / "repro" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        bundle = open_bundle(args.bundle, work / "bundle")
+    except BundleError as err:
+        print(f"tdxh repro: {err}", file=sys.stderr)
+        return 2
+    info = bundle.info
+    print(f"scenario {info.nodeid}\n  failed with: {info.failure_line}\n  kernel: {info.kernel_identity}\n"
+          f"  made by harness {info.harness_commit} on {info.created}", file=sys.stderr)
+    current = harness_commit()
+    if current != info.harness_commit:
+        print(f"  note: this harness is {current}: the scenario's steps may differ from the run that failed",
+              file=sys.stderr)
+    print(f"re-running it on the bundled kernel and initramfs (logs under {work})", file=sys.stderr)
+    try:
+        result = reproduce(bundle, work, args.timeout, args.pytest_args)
+    except subprocess.TimeoutExpired:
+        print(f"tdxh repro: the re-run did not end within {args.timeout:.0f}s (stopped); logs under {work}",
+              file=sys.stderr)
+        return 1
+    print(result.summary(info.failure_line))
+    print(f"  artifacts: {result.artifacts}; original logs: {bundle.logs}", file=sys.stderr)
+    return 0 if result.reproduced else 1
+
+
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("setup", help="install host packages, fetch and build the kernel and initramfs")
     add_kernel_opts(p)
@@ -155,3 +183,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--run-dir", type=Path, help="where logs go (default under the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for boot and for the command")
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("repro", help="re-run the scenario of a reproducer bundle (exit 0: it failed again)")
+    p.add_argument("bundle", type=Path, help="a repro.tar.gz that a failing scenario wrote")
+    p.add_argument("--work", type=Path, help="where to unpack and re-run (default under the cache)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole re-run")
+    p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -- -x -s")
+    p.set_defaults(func=cmd_repro)

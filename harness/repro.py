@@ -1,0 +1,201 @@
+"""Reproducer bundles: one archive per failing scenario with what it takes to run it again.
+
+A bundle holds the kernel and initramfs the scenario booted (so a rebuilt or changed tree does
+not matter), the scenario's id and the harness commit that ran it (the scenario's code is its
+steps: machine configs, platform, fault plans), the failure as pytest reported it, and the run
+directory (console logs, SEAMCALL traces, fault plans, emulator command lines).
+
+``tdxh repro BUNDLE`` unpacks it and runs that scenario again with pytest on the bundled images;
+it reproduced when the scenario fails again, and the report says whether with the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness.paths import REPO
+
+log = logging.getLogger("harness.repro")
+
+FORMAT = 1
+INFO = "bundle.json"
+KERNEL = "images/bzImage"
+INITRAMFS = "images/initramfs.cpio.gz"
+LOGS = "logs"
+
+
+class BundleError(Exception):
+    """The file is not a reproducer bundle this harness can read; the message says why."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    nodeid: str  # the scenario, as pytest names it from the repository root
+    failure: str  # pytest's report of the failure (its last lines are the assertion)
+    harness_commit: str  # `git describe`-like: commit, "+dirty" when the tree had changes
+    kernel_identity: str
+    kernel_sha256: str
+    initramfs_sha256: str
+    created: str
+    format: int = FORMAT
+
+    @property
+    def failure_line(self) -> str:
+        return failure_line(self.failure)
+
+
+def failure_line(report: str) -> str:
+    """The line that says what failed: pytest's "E   ..." line, else the report's last line."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    errors = [line[1:].strip() for line in lines if line.startswith("E ")]
+    return errors[0] if errors else (lines[-1] if lines else "")
+
+
+def harness_commit(repo: Path = REPO) -> str:
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+dirty" if dirty else "")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bundle(out: Path, nodeid: str, failure: str, kernel: Path, initrd: Path, kernel_identity: str,
+                 run_dir: Path) -> Path:
+    """The bundle ``out`` (a .tar.gz); ``run_dir``'s files go under logs/ (the bundle itself
+    excluded, when it is written inside run_dir)."""
+    info = BundleInfo(nodeid=nodeid, failure=failure, harness_commit=harness_commit(),
+                      kernel_identity=kernel_identity, kernel_sha256=sha256_of(kernel),
+                      initramfs_sha256=sha256_of(initrd), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    partial = out.with_name(out.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        data = json.dumps(asdict(info), indent=2).encode()
+        entry = tarfile.TarInfo(INFO)
+        entry.size, entry.mtime = len(data), int(time.time())
+        tar.addfile(entry, io.BytesIO(data))
+        tar.add(kernel, KERNEL)
+        tar.add(initrd, INITRAMFS)
+        for path in sorted(run_dir.rglob("*")):
+            if path.is_file() and path not in (out, partial) and not path.is_socket():
+                tar.add(path, f"{LOGS}/{path.relative_to(run_dir)}")
+    partial.rename(out)
+    return out
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An unpacked bundle."""
+
+    root: Path
+    info: BundleInfo
+
+    @property
+    def kernel(self) -> Path:
+        return self.root / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        return self.root / INITRAMFS
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS
+
+
+def open_bundle(path: Path, into: Path) -> Bundle:
+    """Unpack ``path`` into ``into`` and check it: its info, and the images against their hashes."""
+    if not path.is_file():
+        raise BundleError(f"{path}: no such file")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = set(tar.getnames())
+            missing = {INFO, KERNEL, INITRAMFS} - names
+            if missing:
+                raise BundleError(f"{path}: not a reproducer bundle (missing {', '.join(sorted(missing))})")
+            into.mkdir(parents=True, exist_ok=True)
+            tar.extractall(into, filter="data")  # no absolute paths, links out or devices
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise BundleError(f"{path}: not a readable .tar.gz bundle: {err}") from err
+    try:
+        raw = json.loads((into / INFO).read_text())
+        info = BundleInfo(**raw)
+    except (ValueError, TypeError) as err:
+        raise BundleError(f"{path}: bad {INFO}: {err}") from err
+    if info.format != FORMAT:
+        raise BundleError(f"{path}: bundle format {info.format}, this harness reads format {FORMAT}")
+    bundle = Bundle(into, info)
+    for image, want in ((bundle.kernel, info.kernel_sha256), (bundle.initrd, info.initramfs_sha256)):
+        if sha256_of(image) != want:
+            raise BundleError(f"{path}: {image.name} does not match its recorded sha256 (damaged bundle)")
+    return bundle
+
+
+@dataclass(frozen=True)
+class ReproResult:
+    reproduced: bool  # the scenario failed again
+    same_failure: bool  # ... with the same failure line
+    failure_line: str  # what the re-run reported ("" when it passed)
+    pytest_status: int
+    command: list[str]
+    artifacts: Path
+
+    def summary(self, original: str) -> str:
+        if not self.reproduced and self.pytest_status:
+            return (f"could not tell: pytest exited {self.pytest_status} without a failure of the scenario "
+                    f"(not found, or pytest itself failed: see its output above)")
+        if not self.reproduced:
+            return "did not reproduce: the scenario passed"
+        if self.same_failure:
+            return f"reproduced: the same failure: {self.failure_line}"
+        return f"reproduced, but it failed differently:\n  was: {original}\n  now: {self.failure_line}"
+
+
+def pytest_command(bundle: Bundle, artifacts: Path, junit: Path, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", bundle.info.nodeid,
+            "--kernel", str(bundle.kernel), "--initramfs", str(bundle.initrd), "--artifacts", str(artifacts),
+            "--junitxml", str(junit), *(extra or [])]
+
+
+def reproduce(bundle: Bundle, work: Path, timeout: float, extra: list[str] | None = None) -> ReproResult:
+    """Run the bundle's scenario again (from the repository root, as it was run)."""
+    artifacts, junit = work / "artifacts", work / "junit.xml"
+    command = pytest_command(bundle, artifacts, junit, extra)
+    log.info("$ cd %s && %s", REPO, shlex.join(command))
+    status = subprocess.run(command, check=False, cwd=REPO, timeout=timeout).returncode
+    line = junit_failure(junit, bundle.info.nodeid) if junit.exists() else ""
+    failed = status != 0 and bool(line)
+    return ReproResult(failed, failed and line == bundle.info.failure_line, line, status, command, artifacts)
+
+
+def junit_failure(junit: Path, nodeid: str) -> str:
+    """The failure line of the test in a JUnit XML file ("" if it passed or is absent)."""
+    name = nodeid.rsplit("::", 1)[-1]
+    for case in ET.parse(junit).iter("testcase"):
+        if case.get("name") != name:
+            continue
+        for tag in ("failure", "error"):
+            found = case.find(tag)
+            if found is not None:
+                return failure_line(found.text or found.get("message") or "")
+    return ""
