@@ -40,7 +40,7 @@ def directives(text: str) -> dict[str, str]:
 
 def test_default_bochsrc_is_headless_vmx_with_console_and_module_as_tcp_clients():
     rc = directives(render_bochsrc(BochsConfig(), files()))
-    assert rc["display_library"] == "term"
+    assert rc["display_library"] == "term, options=\"hideIPS\""
     assert rc["cpu"] == ("model=tigerlake, count=1:1:1, ips=20000000, quantum=32, reset_on_triple_fault=0, "
                          "ignore_bad_msrs=1")
     assert rc["memory"] == "guest=1024, host=1024"

@@ -89,10 +89,10 @@ def test_launch_error_cleans_up_and_names_the_problem(tmp_path):
     trace_file = open(tmp_path / "trace.jsonl", "w")
     machine = QemuMachine(QemuConfig(), Boot(tmp_path / "missing-bzImage", tmp_path / "initrd"),
                           TdxModule(trace=Trace(sink=trace_file)), tmp_path / "run")
-    sock_dir = machine._sock_dir
     with pytest.raises(LaunchError, match=r"kernel .*missing-bzImage does not exist"):
         machine.start()
-    assert not sock_dir.exists() and trace_file.closed
+    sock_dir = machine._sock_dir  # made by start(), removed by the stop() of its failure path
+    assert sock_dir is not None and not sock_dir.exists() and trace_file.closed
 
 
 def test_memory_hotplug_slots():
