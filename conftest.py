@@ -7,7 +7,6 @@ VMX, else Bochs, else a skip saying why)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,8 +94,7 @@ _FAILURE = pytest.StashKey[str]()
 @pytest.fixture
 def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     """This test's run directory; removed after a pass unless --keep-artifacts."""
-    name = re.sub(r"[^\w.-]+", "_", request.node.nodeid)
-    path = request.config.getoption("--artifacts").resolve() / name
+    path = request.config.getoption("--artifacts").resolve() / paths.artifact_name(request.node.nodeid)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     yield path  # the machines are stopped by now (their fixtures depend on this one)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from harness import paths
+from harness import nightly, paths, report
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.kernel.build import BuildError
 from harness.kernel.inspect import KernelImageError
@@ -164,6 +165,35 @@ def cmd_repro(args: argparse.Namespace) -> int:
     return 0 if result.reproduced else 1
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    out = (args.out or Path(paths.cache_dir()) / "nightly" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and any(out.iterdir()):
+        print(f"tdxh nightly: {out} is not empty: give a new --out (nothing was overwritten)", file=sys.stderr)
+        return 2
+    if args.cache:
+        os.environ["TDXH_CACHE"] = str(args.cache)  # the scenarios' own pytest runs use it too
+    try:
+        log.info("building (or finding) the kernel and initramfs once for every scenario")
+        images = images_from(args)
+        tests = nightly.plan(args.pytest_args, unit=not args.no_unit)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"tdxh nightly: {len(tests)} tests ({'unit tests + ' if not args.no_unit else ''}"
+              f"{len(tests) - (0 if args.no_unit else 1)} scenarios) on {images.identity}; results in {out}",
+              file=sys.stderr)
+        status, job_dir = nightly.run_job(tests, images, out)
+    except (*SETUP_ERRORS, nightly.NightlyError) as err:
+        print(f"tdxh nightly: {err}", file=sys.stderr)
+        return 2
+    results = report.load_results(job_dir, out, {t.nodeid: out / t.junit for t in tests})
+    page = report.write_report(results, out, f"tdx-harness nightly {time.strftime('%Y-%m-%d %H:%M')}: "
+                                             f"{images.identity}")
+    failed = [r for r in results if r.status not in ("PASS", "SKIP")]
+    for result in failed:
+        print(f"{result.status} {result.nodeid}: {result.failure}")
+    print(f"report: {page}\nJUnit XML: {out / 'results.xml'}\navocado job: {job_dir}", file=sys.stderr)
+    return 1 if failed or status else 0
+
+
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("setup", help="install host packages, fetch and build the kernel and initramfs")
     add_kernel_opts(p)
@@ -183,6 +213,13 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--run-dir", type=Path, help="where logs go (default under the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for boot and for the command")
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("nightly", help="every scenario as an avocado job: per-scenario results, JUnit, HTML report")
+    add_kernel_opts(p)
+    p.add_argument("--out", type=Path, help="result directory, new or empty (default under the cache)")
+    p.add_argument("--no-unit", action="store_true", help="scenarios only (the unit tests are one more test)")
+    p.add_argument("pytest_args", nargs="*", help="pytest selection for the scenarios (after --), e.g. -- -k kexec")
+    p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("repro", help="re-run the scenario of a reproducer bundle (exit 0: it failed again)")
     p.add_argument("bundle", type=Path, help="a repro.tar.gz that a failing scenario wrote")

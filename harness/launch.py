@@ -99,7 +99,7 @@ def start_machine(images: Images, config: QemuConfig, run_dir: Path, platform: P
     run_dir.mkdir(parents=True, exist_ok=True)
     trace_file = open(run_dir / "seamcalls.jsonl", "w")
     module = TdxModule(platform_for(config, platform), faults or FaultPlan(), Trace(sink=trace_file))
-    (run_dir / "faults.json").write_text(module.faults.to_json())
+    module.save_config(run_dir)
     machine = QemuMachine(config, Boot(images.kernel, images.initrd, append), module, run_dir,
                           serve_module=serve_module)
     machine.start()

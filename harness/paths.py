@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,3 +16,8 @@ INITRAMFS_INIT = IMAGES / "initramfs" / "init"
 def cache_dir() -> Path:
     """``$TDXH_CACHE`` or ``~/.cache/tdx-harness``."""
     return Path(os.environ.get("TDXH_CACHE", Path.home() / ".cache" / "tdx-harness"))
+
+
+def artifact_name(nodeid: str) -> str:
+    """A scenario's directory name under the artifacts root, from its pytest node id."""
+    return re.sub(r"[^\w.-]+", "_", nodeid)

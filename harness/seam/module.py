@@ -11,11 +11,14 @@ TDH.SYS.INIT starts over. The state survives guest reboots and kexec, as firmwar
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness.seam import abi, td
 from harness.seam.abi import Field, Leaf, OperandId, PageSize, PageType, Status
@@ -140,6 +143,11 @@ class TdxModule:
         self.anomalies: list[str] = []
 
     # --- machine events ----------------------------------------------------------------------
+
+    def save_config(self, run_dir: Path) -> None:
+        """What this module was set up with, beside a run's logs: platform.json, faults.json."""
+        (run_dir / "platform.json").write_text(json.dumps(dataclasses.asdict(self.platform), indent=2))
+        (run_dir / "faults.json").write_text(self.faults.to_json())
 
     def power_cycle(self) -> None:
         """Machine reset or power-off: the BIOS reloads the module, all state is gone."""

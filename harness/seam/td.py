@@ -220,6 +220,16 @@ def _explicit_vcpu(module: TdxModule, call: _Call, reg: str, operand: OperandId)
     return 0, vcpu, module.state.tds[vcpu.tdr]
 
 
+def _built_vcpu(module: TdxModule, call: _Call, reg: str, operand: OperandId,
+                leaf: Leaf) -> tuple[int, Vcpu | None, Td | None]:
+    """The vCPU named by ``reg`` and its TD, if the TD's state allows ``leaf`` (_build_state)."""
+    status, vcpu, td = _explicit_vcpu(module, call, reg, operand)
+    if vcpu is None or td is None:
+        return status, None, None
+    status = _build_state(module, td, leaf)
+    return (status, None, None) if status else (0, vcpu, td)
+
+
 def _build_state(module: TdxModule, td: Td, leaf: Leaf) -> int:
     """check_state_map_tdcs_and_lock(): keys configured, TDCS complete, OP_STATE allows ``leaf``."""
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
@@ -403,11 +413,8 @@ def vp_create(module: TdxModule, call: _Call) -> int:
 
 
 def vp_addcx(module: TdxModule, call: _Call) -> int:
-    status, vcpu, td = _explicit_vcpu(module, call, "rdx", OperandId.RDX)
+    status, vcpu, td = _built_vcpu(module, call, "rdx", OperandId.RDX, Leaf.TDH_VP_ADDCX)
     if vcpu is None or td is None:
-        return status
-    status = _build_state(module, td, Leaf.TDH_VP_ADDCX)
-    if status:
         return status
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
@@ -424,11 +431,8 @@ def vp_addcx(module: TdxModule, call: _Call) -> int:
 
 def vp_init(module: TdxModule, call: _Call) -> int:
     version = (call.request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
-    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_INIT)
     if vcpu is None or td is None:
-        return status
-    status = _build_state(module, td, Leaf.TDH_VP_INIT)
-    if status:
         return status
     if len(vcpu.tdcx) < module.platform.tdcx_pages:
         return Status.TDX_TDCX_NUM_INCORRECT
@@ -474,11 +478,8 @@ def _field_key(fid: int) -> tuple[bool, int, int] | None:
 
 def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
     call.outputs["r8"] = 0
-    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
     if vcpu is None or td is None:
-        return status
-    status = _build_state(module, td, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
-    if status:
         return status
     if len(vcpu.tdcx) < module.platform.tdcx_pages:
         return Status.TDX_TDCX_NUM_INCORRECT
@@ -505,11 +506,8 @@ def vp_enter(module: TdxModule, call: _Call) -> int:
     """TDH.VP.ENTER: the checks of the real leaf, then the next scripted exit instead of running
     guest code. Every register comes back (KVM reads the TDVMCALL's from R10-R15): the ones the
     exit does not set are cleared, as the module clears what it does not expose."""
-    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_ENTER)
     if vcpu is None or td is None:
-        return status
-    status = _build_state(module, td, Leaf.TDH_VP_ENTER)
-    if status:
         return status
     if vcpu.state is not VcpuState.READY:
         return Status.TDX_VCPU_STATE_INCORRECT

@@ -1,0 +1,112 @@
+"""``tdxh nightly``: every scenario as a test of one avocado-framework job, pytest as the test
+language. Each scenario runs as its own ``pytest NODEID`` (an avocado exec-test) on images built
+once, so one scenario's crash or hang cannot take the others with it; its logs, trace, platform
+and fault plan (and a reproducer bundle when it fails) stay in a directory of its own. The unit
+tests run as one more test of the job. Afterwards: avocado's results (JUnit XML, its HTML, JSON)
+and the harness's report (harness/report.py), failures first.
+
+Layout of the output directory:
+    scenarios/<scenario>/   the pytest artifacts of each scenario (kept whether it passed or not)
+    junit/<n>.xml           pytest's JUnit XML of each test
+    job/                    avocado's job directory (results.xml, results.html, per-test stdout)
+    report.html             the harness's report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.launch import Images
+from harness.paths import REPO
+
+log = logging.getLogger("harness.nightly")
+
+SCENARIOS = "tests/scenarios"
+UNIT = "tests/unit"
+COLLECT_TIMEOUT = 300.0
+
+
+class NightlyError(Exception):
+    """The job could not be set up (nothing collected, avocado missing); the message says why."""
+
+
+@dataclass(frozen=True)
+class NightlyTest:
+    """One test of the job: a scenario, or the unit tests as a whole."""
+
+    nodeid: str
+    index: int
+
+    @property
+    def junit(self) -> str:
+        return f"junit/{self.index}.xml"
+
+
+def collect(selection: Sequence[str]) -> list[str]:
+    """The scenarios' node ids, as ``pytest --collect-only`` lists them (``selection``: more
+    pytest arguments, e.g. ``-k kexec``)."""
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", SCENARIOS, *selection]
+    log.info("$ %s", shlex.join(command))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=COLLECT_TIMEOUT, check=False)
+    nodeids = [line for line in result.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    if result.returncode not in (0, 5):
+        raise NightlyError(f"collecting the scenarios failed (pytest exit {result.returncode}):\n"
+                           f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return nodeids
+
+
+def pytest_args(test: NightlyTest, images: Images, out: Path) -> list[str]:
+    """The command line of one test: the session's images, its own artifacts and JUnit file."""
+    return ["-m", "pytest", "-q", test.nodeid, "--kernel", str(images.kernel), "--initramfs", str(images.initrd),
+            "--artifacts", str(out / "scenarios"), "--keep-artifacts", "--junitxml", str(out / test.junit)]
+
+
+def job_config(out: Path) -> dict[str, Any]:
+    job = out / "job"
+    return {
+        "run.results_dir": str(job),
+        "run.max_parallel_tasks": 1,  # the scenarios use both cores themselves
+        "job.run.result.xunit.output": str(out / "results.xml"),
+        "runner.exectest.exitcodes.skip": [5],  # pytest: nothing collected (a skipped scenario is 0)
+        "sysinfo.collect.enabled": "off",
+        **{f"datadir.paths.{key}": str(job / "data") for key in ("base_dir", "data_dir", "logs_dir", "test_dir")},
+    }
+
+
+def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[int, Path]:
+    """Run the avocado job (progress on stdout as avocado prints it); returns its exit code and
+    its job directory."""
+    try:
+        from avocado.core.job import Job
+        from avocado.core.nrunner.runnable import Runnable
+        from avocado.core.suite import TestSuite
+    except ImportError as err:
+        raise NightlyError(f"avocado-framework is not installed ({err}): pip install avocado-framework") from err
+    (out / "junit").mkdir(parents=True, exist_ok=True)
+    runnables = [Runnable("exec-test", sys.executable, *pytest_args(t, images, out), identifier=t.nodeid)
+                 for t in tests]
+    for test in tests:
+        log.info("$ cd %s && %s", REPO, shlex.join([sys.executable, *pytest_args(test, images, out)]))
+    config = job_config(out)
+    suite = TestSuite(name="tdx", tests=runnables, config=config)
+    # Avocado's exec-tests run in the job's working directory: the repository root (pytest's rootdir).
+    with contextlib.chdir(REPO), Job(config, [suite]) as job:
+        status = int(job.run())
+        return status, Path(job.logdir)
+
+
+def plan(selection: Sequence[str], unit: bool) -> list[NightlyTest]:
+    nodeids = collect(selection)
+    if unit:
+        nodeids = [UNIT, *nodeids]
+    if not nodeids:
+        raise NightlyError(f"no scenario matches {shlex.join(selection)!r}")
+    return [NightlyTest(nodeid, index) for index, nodeid in enumerate(nodeids)]

@@ -1,0 +1,162 @@
+"""The nightly report a person reads first: one HTML page with the counts, every test in a table
+(failures first, each with its failure line and links to its logs, trace and reproducer bundle),
+and a timeline picture of each failing scenario's SEAMCALLs. Built from avocado's results.json,
+pytest's JUnit XML per test and the scenarios' artifact directories (harness/nightly.py)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.paths import artifact_name
+from harness.repro import junit_failure
+from harness.seam.trace import TraceRecord, read_trace
+
+# Avocado statuses, worst first: the table's order.
+STATUS_ORDER = ("ERROR", "FAIL", "INTERRUPT", "CANCEL", "WARN", "SKIP", "PASS")
+LOG_FILES = ("console.log", "seamcalls.jsonl", "qemu.cmdline", "bochs.cmdline", "platform.json", "faults.json")
+TIMELINE_WIDTH, LANE_HEIGHT, LABEL_WIDTH = 900, 16, 190
+
+
+@dataclass(frozen=True)
+class TestResult:
+    nodeid: str
+    status: str
+    seconds: float
+    failure: str  # pytest's failure line ("" when it passed)
+    logdir: Path  # avocado's directory of the test (stdout, stderr, debug.log)
+    artifacts: Path  # the scenario's artifact directory (may not exist: unit tests)
+
+    @property
+    def rank(self) -> int:
+        return STATUS_ORDER.index(self.status) if self.status in STATUS_ORDER else 0
+
+    def traces(self) -> list[Path]:
+        return sorted(self.artifacts.glob("*/seamcalls.jsonl")) if self.artifacts.is_dir() else []
+
+
+def load_results(job_dir: Path, out: Path, junit_of: dict[str, Path]) -> list[TestResult]:
+    data = json.loads((job_dir / "results.json").read_text())
+    results = []
+    for test in data["tests"]:
+        nodeid = test["name"]
+        junit = junit_of.get(nodeid)
+        failure = junit_failure(junit, nodeid) if junit is not None and junit.exists() else ""
+        if not failure and test["status"] != "PASS":
+            failure = str(test.get("fail_reason") or "")
+        results.append(TestResult(nodeid, test["status"], float(test.get("time_elapsed") or 0.0), failure,
+                                  Path(test["logdir"]), out / "scenarios" / artifact_name(nodeid)))
+    return sorted(results, key=lambda r: (r.rank, r.nodeid))
+
+
+def timeline_svg(records: Sequence[TraceRecord], title: str) -> str:
+    """SEAMCALLs against time: one lane per leaf in the order the kernel first called it (for
+    boot, the init steps: SYS.INIT, LP.INIT, SYS.RD, CONFIG, KEY.CONFIG, TDMR.INIT...), a tick per
+    call, failed calls red; a dashed line where a new kernel (reboot, kexec) said HELLO."""
+    if not records:
+        return ""
+    lanes: list[str] = []
+    for record in records:
+        if record.leaf not in lanes:
+            lanes.append(record.leaf)
+    start, end = records[0].time, records[-1].time
+    span = max(end - start, 1e-3)
+    plot = TIMELINE_WIDTH - LABEL_WIDTH - 10
+    height = LANE_HEIGHT * len(lanes) + 40
+
+    def x(time: float) -> float:
+        return LABEL_WIDTH + (time - start) / span * plot
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{TIMELINE_WIDTH}" height="{height}" '
+             f'font-family="monospace" font-size="11"><title>{html.escape(title)}</title>']
+    for lane, leaf in enumerate(lanes):
+        y = 20 + lane * LANE_HEIGHT
+        parts.append(f'<text x="4" y="{y + 11}">{html.escape(leaf)}</text>'
+                     f'<line x1="{LABEL_WIDTH}" y1="{y + 8}" x2="{TIMELINE_WIDTH - 10}" y2="{y + 8}" stroke="#eee"/>')
+    boot = records[0].boot
+    for record in records:
+        if record.boot != boot:
+            boot = record.boot
+            parts.append(f'<line x1="{x(record.time):.1f}" y1="12" x2="{x(record.time):.1f}" y2="{height - 20}" '
+                         f'stroke="#888" stroke-dasharray="3,3"/><text x="{x(record.time) + 2:.1f}" y="10">'
+                         f'boot {boot}</text>')
+        y = 20 + lanes.index(record.leaf) * LANE_HEIGHT
+        color = "#c00" if record.status and record.status >> 63 else "#36c"
+        parts.append(f'<rect x="{x(record.time):.1f}" y="{y + 2}" width="2" height="12" fill="{color}">'
+                     f'<title>#{record.seq} {html.escape(record.leaf)} cpu {record.cpu} t={record.time - start:.3f}s '
+                     f'{html.escape(record.status_name)}</title></rect>')
+    parts.append(f'<text x="{LABEL_WIDTH}" y="{height - 6}">0 s</text>'
+                 f'<text x="{TIMELINE_WIDTH - 10}" y="{height - 6}" text-anchor="end">{span:.2f} s '
+                 f'(harness clock, from the first SEAMCALL)</text></svg>')
+    return "".join(parts)
+
+
+def write_timelines(result: TestResult) -> list[Path]:
+    """timeline.svg beside each machine's trace of the scenario."""
+    written = []
+    for trace in result.traces():
+        svg = timeline_svg(read_trace(trace), f"{result.nodeid}: {trace.parent.name}")
+        if svg:
+            path = trace.with_name("timeline.svg")
+            path.write_text(svg)
+            written.append(path)
+    return written
+
+
+def _link(path: Path, base: Path, text: str) -> str:
+    try:
+        target = path.relative_to(base)
+    except ValueError:
+        target = path
+    return f'<a href="{html.escape(str(target))}">{html.escape(text)}</a>'
+
+
+def _links(result: TestResult, base: Path) -> str:
+    links = [_link(result.logdir / "stdout", base, "output")]
+    if result.artifacts.is_dir():
+        links.append(_link(result.artifacts, base, "artifacts"))
+        bundle = result.artifacts / "repro.tar.gz"
+        if bundle.exists():
+            links.append(_link(bundle, base, "repro bundle"))
+        for machine in sorted(p for p in result.artifacts.iterdir() if p.is_dir()):
+            links += [_link(machine / name, base, f"{machine.name}/{name}") for name in (*LOG_FILES, "timeline.svg")
+                      if (machine / name).exists()]
+    return " ".join(links)
+
+
+def render(results: Sequence[TestResult], out: Path, title: str) -> str:
+    counts = {status: sum(r.status == status for r in results) for status in STATUS_ORDER}
+    failed = [r for r in results if r.status not in ("PASS", "SKIP")]
+    rows = "".join(
+        f'<tr class="{r.status.lower()}"><td>{r.status}</td><td>{html.escape(r.nodeid)}</td>'
+        f'<td>{r.seconds:.1f}</td><td>{html.escape(r.failure)}</td><td>{_links(r, out)}</td></tr>'
+        for r in results)
+    sections = "".join(
+        f'<h3>{html.escape(r.nodeid)}</h3><p>{html.escape(r.failure)}</p>'
+        + "".join(f"<p>{html.escape(t.parent.name)}</p>{timeline_svg(read_trace(t), r.nodeid)}" for t in r.traces())
+        for r in failed)
+    summary = " | ".join(f"{status} {n}" for status, n in counts.items() if n)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+body {{ font-family: sans-serif; margin: 1em 2em; }} table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; font-size: 13px; vertical-align: top; }}
+tr.fail td:first-child, tr.error td:first-child, tr.interrupt td:first-child {{ background: #f99; }}
+tr.pass td:first-child {{ background: #9d9; }} tr.skip td:first-child {{ background: #ddd; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p><b>{len(results)} tests: {summary}</b></p>
+<table><tr><th>status</th><th>test</th><th>s</th><th>failure</th><th>logs</th></tr>{rows}</table>
+<h2>Failures: SEAMCALL timelines</h2>{sections or "<p>none</p>"}
+</body></html>
+"""
+
+
+def write_report(results: Sequence[TestResult], out: Path, title: str) -> Path:
+    for result in results:
+        write_timelines(result)
+    path = out / "report.html"
+    path.write_text(render(results, out, title))
+    return path

@@ -1,0 +1,76 @@
+"""The nightly report on stored material: the SEAMCALL timeline of a real boot's trace
+(tests/data/sysconfig-lps-missing.seamcalls.jsonl: SYS.CONFIG fails), and the page built from an
+avocado results.json and pytest JUnit files (failures first, links to logs and bundles)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from harness import report
+from harness.paths import artifact_name
+from harness.seam.trace import read_trace
+
+DATA = Path(__file__).parent.parent / "data"
+TRACE = DATA / "sysconfig-lps-missing.seamcalls.jsonl"
+
+
+def test_timeline_has_a_lane_per_leaf_in_call_order_and_failed_calls_in_red():
+    records = read_trace(TRACE)
+    svg = report.timeline_svg(records, "boot")
+    first_seen = list(dict.fromkeys(r.leaf for r in records))
+    lanes = re.findall(r'<text x="4" y="\d+">([^<]+)</text>', svg)
+    assert lanes == first_seen and lanes[0] == "TDH.SYS.INIT"
+    failed = [r for r in records if r.status >> 63]
+    assert svg.count('fill="#c00"') == len(failed) == 1
+    assert svg.count("<rect ") == len(records)
+    assert report.timeline_svg([], "nothing") == ""
+
+
+def job(tmp_path: Path, tests: list[tuple[str, str]]) -> tuple[Path, Path, dict[str, Path]]:
+    """An avocado job directory and nightly output tree with these (nodeid, status) tests."""
+    out, job_dir = tmp_path / "out", tmp_path / "out" / "job" / "job-1"
+    job_dir.mkdir(parents=True)
+    junits = {}
+    entries = []
+    for index, (nodeid, status) in enumerate(tests):
+        logdir = job_dir / "test-results" / str(index)
+        logdir.mkdir(parents=True)
+        (logdir / "stdout").write_text("pytest output")
+        entries.append({"name": nodeid, "status": status, "time_elapsed": 1.5, "logdir": str(logdir),
+                        "fail_reason": "<unknown>"})
+        junit = out / "junit" / f"{index}.xml"
+        junit.parent.mkdir(exist_ok=True)
+        name = nodeid.rsplit("::", 1)[-1]
+        failure = f'<failure message="x">E   AssertionError: {name} broke</failure>' if status == "FAIL" else ""
+        junit.write_text(f'<testsuites><testsuite><testcase name="{name}">{failure}</testcase>'
+                         '</testsuite></testsuites>')
+        junits[nodeid] = junit
+        machine = out / "scenarios" / artifact_name(nodeid) / "machine0"
+        machine.mkdir(parents=True)
+        shutil.copy(TRACE, machine / "seamcalls.jsonl")
+        (machine / "console.log").write_text("[    0.0] Linux\n")
+    (job_dir / "results.json").write_text(json.dumps({"tests": entries}))
+    return out, job_dir, junits
+
+
+def test_report_lists_failures_first_with_their_line_links_and_timeline(tmp_path):
+    out, job_dir, junits = job(tmp_path, [("tests/scenarios/test_a.py::test_ok", "PASS"),
+                                          ("tests/scenarios/test_b.py::test_broken", "FAIL"),
+                                          ("tests/scenarios/test_c.py::test_skipped", "SKIP")])
+    failing = out / "scenarios" / artifact_name("tests/scenarios/test_b.py::test_broken")
+    (failing / "repro.tar.gz").write_bytes(b"bundle")
+    results = report.load_results(job_dir, out, junits)
+    assert [r.status for r in results] == ["FAIL", "SKIP", "PASS"]
+    assert results[0].failure == "AssertionError: test_broken broke" and results[2].failure == ""
+    page = report.write_report(results, out, "nightly").read_text()
+    rows = re.findall(r'<tr class="(\w+)"><td>\w+</td><td>([^<]+)</td>', page)
+    assert rows == [("fail", "tests/scenarios/test_b.py::test_broken"),
+                    ("skip", "tests/scenarios/test_c.py::test_skipped"), ("pass", "tests/scenarios/test_a.py::test_ok")]
+    assert "3 tests: FAIL 1 | SKIP 1 | PASS 1" in page
+    bundle_link = f'href="scenarios/{failing.name}/repro.tar.gz"'
+    assert bundle_link in page and 'href="job/job-1/test-results/1/stdout"' in page
+    assert page.count("<svg") == 1, "only the failure's timeline is drawn inline"
+    assert all((out / "scenarios" / artifact_name(n) / "machine0" / "timeline.svg").exists() for n in junits)
