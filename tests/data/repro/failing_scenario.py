@@ -1,4 +1,4 @@
-"""A scenario that fails on purpose, for the reproducer tests (tests/scenarios/test_repro.py).
+"""A scenario that fails on purpose, for the reproducer tests (tests/scenarios/test_reproduce.py).
 The default run never collects it (its name is not test_*.py); it runs only when named."""
 
 from __future__ import annotations
