@@ -11,6 +11,7 @@ caller's try: the machine layer's exit handler must still stop the machine.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from harness.machine.qemu import QemuConfig
 
 
 def main(run_dir: Path, kernel: Path, initrd: Path, with_finally: bool) -> int:
+    # As in a terminal: Ctrl-C raises KeyboardInterrupt. A background job of a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     images = Images(kernel, initrd, None, "orphan test kernel")
     machine = start_machine(images, QemuConfig(cpus=1, memory="256M"), run_dir)
     print(json.dumps({"qemu_pid": machine._proc.pid if machine._proc else None}), flush=True)
