@@ -41,6 +41,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="build and boot this kernel tree [TDXH_KERNEL_TREE]")
     group.addoption("--backend", default=os.environ.get("TDXH_BACKEND", "qemu"), choices=["qemu"],
                     help="machine backend [TDXH_BACKEND]")
+    group.addoption("--target", default=os.environ.get("TDXH_TARGET"),
+                    help="ssh://user@host[:port] of a real TDX host for tests/target (observation only) [TDXH_TARGET]")
+    group.addoption("--target-key", type=Path, default=os.environ.get("TDXH_TARGET_KEY"),
+                    help="private key for --target (default: the SSH agent and ~/.ssh) [TDXH_TARGET_KEY]")
     group.addoption("--artifacts", type=Path, default=Path(os.environ.get("TDXH_ARTIFACTS", "artifacts")),
                     help="where each scenario's logs and trace go [TDXH_ARTIFACTS]")
     group.addoption("--keep-artifacts", action="store_true", default=bool(os.environ.get("TDXH_KEEP_ARTIFACTS")),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from harness import nightly, paths, report
+from harness.images.initramfs import SSH_PACKAGES
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.kernel.build import BuildError
 from harness.kernel.inspect import KernelImageError
@@ -33,7 +34,7 @@ log = logging.getLogger("harness")
 # libraries trixie's bochs-bin links from the host.
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kexec-tools", "cpio", "ccache", "build-essential", "flex",
                  "bison", "bc", "libelf-dev", "libssl-dev", "rsync", "xz-utils", "debian-archive-keyring", "kmod",
-                 *ISO_PACKAGES, *sorted(set(HOST_LIBRARY_PACKAGES.values())))
+                 *ISO_PACKAGES, *SSH_PACKAGES, *sorted(set(HOST_LIBRARY_PACKAGES.values())))
 SETUP_ERRORS = (BuildError, CommandError, KernelImageError, SourceError, ValueError, OSError)
 
 

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.images.agent import build_guest_programs
-from harness.images.initramfs import GUEST_KERNEL, InitramfsRequest, build_initramfs
+from harness.images.initramfs import (
+    GUEST_KERNEL,
+    SFTP_SERVER,
+    SFTP_SERVER_GUEST,
+    SSH_SERVER,
+    InitramfsRequest,
+    build_initramfs,
+)
 from harness.kernel.build import BuildRequest, build, patch_series
 from harness.kernel.inspect import check_kernel
 from harness.kernel.source import debian_source, user_tree
@@ -69,7 +76,9 @@ def _initramfs(cache: Path, kernel: Path, modules: Path | None) -> Path:
     kernel itself (for kexec)."""
     files = {program.guest_path: program.binary for program in build_guest_programs(cache)}
     files[GUEST_KERNEL] = kernel
-    return build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=modules, extra_files=files))
+    files[SFTP_SERVER_GUEST] = SFTP_SERVER
+    return build_initramfs(InitramfsRequest(output_dir=cache / "initramfs", modules_dir=modules, extra_files=files,
+                                            extra_binaries=(SSH_SERVER,)))
 
 
 def _variant(request: BuildRequest, extra_patches: Sequence[Path]) -> BuildRequest:

@@ -33,6 +33,13 @@ DEFAULT_KEXEC = Path("/sbin/kexec")  # Debian kexec-tools; dynamically linked (X
 REQUIRED_APPLETS = ("sh", "mount", "mkdir", "cat", "uname", "stty", "setsid", "cttyhack", "poweroff")
 # Directories the init script and `busybox --install -s` expect (it does not create them).
 BASE_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root")
+# An SSH server in the guest, so the --target ssh:// scenarios have a server to be tested
+# against here: dropbear (started by init when the kernel command line carries a key) and the
+# SFTP server it runs for file copies, at the path dropbear has compiled in.
+SSH_SERVER = Path("/usr/sbin/dropbear")
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+SFTP_SERVER_GUEST = "/usr/lib/sftp-server"
+SSH_PACKAGES = ("dropbear-bin", "openssh-sftp-server")
 GUEST_KERNEL = "/boot/bzImage"  # the kernel the initramfs carries for kexec from inside the guest
 CONSOLE_DEVICE = (5, 1)  # /dev/console: the kernel opens it for init before devtmpfs is mounted
 # Part of the cache key: bump it when the same inputs should give a different archive.

@@ -51,6 +51,7 @@ class QemuConfig:
     machine: str = "q35"
     accel: str = "tcg"
     qemu: str = "qemu-system-x86_64"
+    ssh_port: int | None = None  # host port forwarded to the guest's SSH server (user network)
     base_append: str = BASE_APPEND  # scenarios about these parameters (nohibernate) replace it
     extra_append: str = ""
 
@@ -98,6 +99,13 @@ class QemuConfig:
         below = min(total, lowmem)
         return [(0, below)] + ([(1 << 32, total - below)] if total > below else [])
 
+    def network_args(self) -> list[str]:
+        """QEMU's user network with 127.0.0.1:ssh_port forwarded to the guest's port 22."""
+        if self.ssh_port is None:
+            return []
+        return ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=net0"]
+
     def memory_arg(self) -> str:
         """-m: with NUMA nodes it must equal the sum of the nodes; hotplug adds slots/maxmem."""
         size = f"{sum(parse_size(size) for size in self.numa) >> 20}M" if self.numa else self.memory
@@ -142,6 +150,7 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
         "-chardev", f"socket,id=con0,path={console_sock}", "-serial", "chardev:con0",
         *seam,
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+        *config.network_args(),
     ]
 
 

@@ -91,9 +91,10 @@ class AgentRun:
         return [s for s in self.steps if not s.ok]
 
 
-def run_agent(machine: Runner, steps: Sequence[str], timeout: float) -> AgentRun:
-    """Run the agent in the guest with ``steps`` (each "name[:key=value...]")."""
-    command = " ".join([AGENT, *steps])
+def run_agent(machine: Runner, steps: Sequence[str], timeout: float, agent: str = AGENT) -> AgentRun:
+    """Run the agent (``agent``: its path, if not on the PATH) with ``steps``, each
+    "name[:key=value...]"."""
+    command = " ".join([agent, *steps])
     result = machine.run(command, timeout)
     lines = [line for line in result.output.splitlines() if line.startswith("{")]
     if result.status != 0 or len(lines) != len(steps):
