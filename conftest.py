@@ -17,7 +17,7 @@ from harness import paths
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
 from harness.kernel.inspect import check_kernel
-from harness.launch import Images, prepare_images, start_machine
+from harness.launch import Images, SavedMachine, prepare_images, save_machine, start_machine
 from harness.machine.base import Machine
 from harness.machine.bochs import TD_MIN_IPS, BochsConfig, BochsMachine, start_bochs_machine
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
@@ -115,22 +115,42 @@ def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
 BootFactory = Callable[..., QemuMachine]
 
 
+@pytest.fixture(scope="session")
+def saved_machines() -> dict[str, SavedMachine]:
+    """Ready machines saved this session (``boot(..., reuse=True)``), by configuration."""
+    return {}
+
+
 @pytest.fixture
-def boot(images: Images, artifacts: Path) -> Iterator[BootFactory]:
-    """``boot(config=QemuConfig(), platform=None, faults=None, append="", ready=True)``: a started
-    machine, ready for commands unless ready=False; every machine is stopped at teardown."""
+def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine],
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootFactory]:
+    """``boot(config=QemuConfig(), platform=None, faults=None, append="", ready=True, reuse=False)``:
+    a started machine, ready for commands unless ready=False; every machine is stopped at
+    teardown. ``reuse``: resume a saved machine of the same configuration (the boot's console is
+    then console.boot.log, the module's trace and state carry on from the saved boot)."""
     machines: list[QemuMachine] = []
+    saves = tmp_path_factory.getbasetemp() / "saved-machines"
+    saves.mkdir(exist_ok=True)
 
     def start(config: QemuConfig | None = None, platform: PlatformConfig | None = None,
               faults: FaultPlan | None = None, append: str = "", ready: bool = True,
-              serve_module: bool = True) -> QemuMachine:
+              serve_module: bool = True, reuse: bool = False) -> QemuMachine:
+        config = config or QemuConfig()
         run_dir = artifacts / f"machine{len(machines)}"
-        machine = start_machine(images, config or QemuConfig(), run_dir, platform=platform, faults=faults,
-                                append=append,
-                                serve_module=serve_module)
+        key = repr((config, platform, append))  # the platform holds lists: not hashable
+        # reuse: resume the machine an earlier scenario of this session booted with the same
+        # configuration (saved when it was ready) instead of booting; only without a fault plan.
+        reusable = reuse and ready and serve_module and faults is None
+        saved = saved_machines.get(key) if reusable else None
+        machine = start_machine(images, config, run_dir, platform=platform, faults=faults, append=append,
+                                serve_module=serve_module, saved=saved)
         machines.append(machine)
-        if ready:
-            machine.wait_ready(BOOT_TIMEOUT)
+        if saved is not None:
+            machine.resume_saved(BOOT_TIMEOUT)
+        elif ready:
+            release = machine.wait_ready(BOOT_TIMEOUT)
+            if reusable:
+                saved_machines[key] = save_machine(machine, saves / f"{len(saved_machines)}.vmstate", release)
         return machine
 
     yield start

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness import paths
+from harness.launch import Images
 from harness.machine.qemu import QemuMachine
 from harness.seam.abi import Field, Leaf
 from harness.seam.memory import SparseMemory
@@ -159,7 +160,35 @@ def bench_boots(boots: int, run_root: Path) -> dict[str, Figure]:
         log.info("boot %d: initialized after %.2f s, ready after %.2f s", i + 1, sample.to_initialized,
                  sample.to_ready)
         samples.append(sample)
-    return boot_figures(samples)
+    return {**boot_figures(samples), **bench_resumes(boots, images, run_root)}
+
+
+def bench_resumes(resumes: int, images: Images, run_root: Path) -> dict[str, Figure]:
+    """Boot reuse: one boot saved to a file, then ``resumes`` starts from it, each until its shell
+    answers (what a scenario waits for before its first step, as boot_to_ready)."""
+    from harness.launch import save_machine, start_machine
+    from harness.machine.qemu import QemuConfig
+
+    machine = start_machine(images, QemuConfig(), run_root / "saved")
+    try:
+        release = machine.wait_ready(BOOT_TIMEOUT)
+        began = time.monotonic()
+        saved = save_machine(machine, run_root / "saved.vmstate", release)
+        save_seconds = time.monotonic() - began
+    finally:
+        machine.stop()
+    times = []
+    for i in range(resumes):
+        began = time.monotonic()
+        resumed = start_machine(images, QemuConfig(), run_root / f"resume{i}", saved=saved)
+        try:
+            resumed.resume_saved(BOOT_TIMEOUT)
+            times.append(time.monotonic() - began)
+        finally:
+            resumed.stop()
+        log.info("resume %d: shell answered after %.2f s", i + 1, times[-1])
+    return {"save_machine": Figure(round(save_seconds, 3), "s", 1),
+            "resume_to_ready": summarize(times, "s", tail=False)}
 
 
 KVM_FLOW_PAGES = 512  # 2 MiB

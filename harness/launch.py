@@ -28,7 +28,7 @@ from harness.lock import file_lock
 from harness.machine.base import Boot
 from harness.machine.qemu import QemuConfig, QemuMachine
 from harness.seam.faults import FaultPlan
-from harness.seam.module import TdxModule
+from harness.seam.module import ModuleSnapshot, TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram, qemu_topology
 from harness.seam.trace import Trace
 
@@ -101,16 +101,42 @@ def platform_for(config: QemuConfig, base: PlatformConfig | None = None) -> Plat
                         cmrs=cmrs_for_ram(config.ram_ranges()))
 
 
+@dataclass(frozen=True)
+class SavedMachine:
+    """A booted machine saved to a file with its module's snapshot (boot reuse): a later start of
+    the same configuration resumes it instead of booting (start_machine(saved=...))."""
+
+    vmstate: Path
+    module: ModuleSnapshot
+    console_log: Path  # the boot's console, copied beside each resumed machine's logs
+    release: str
+
+
+def save_machine(machine: QemuMachine, path: Path, release: str) -> SavedMachine:
+    """Save a ready machine (idle at its shell) and let it run on."""
+    module = machine.module.snapshot()
+    machine.save(path)
+    console = path.with_suffix(".console.log")
+    shutil.copy(machine.console_log, console)
+    return SavedMachine(path, module, console, release)
+
+
 def start_machine(images: Images, config: QemuConfig, run_dir: Path, platform: PlatformConfig | None = None,
-                  faults: FaultPlan | None = None, append: str = "", serve_module: bool = True) -> QemuMachine:
+                  faults: FaultPlan | None = None, append: str = "", serve_module: bool = True,
+                  saved: SavedMachine | None = None) -> QemuMachine:
     """A started machine whose COM2 is served by a fresh module (unless ``serve_module`` is
-    False: then nothing answers the shim); the trace goes to run_dir."""
+    False: then nothing answers the shim); the trace goes to run_dir. With ``saved`` (made with
+    the same images, config, platform and append) QEMU resumes that machine and the module its
+    snapshot: call resume_saved() where wait_ready() would be called."""
     run_dir.mkdir(parents=True, exist_ok=True)
     trace_file = open(run_dir / "seamcalls.jsonl", "w")
     module = TdxModule(platform_for(config, platform), faults or FaultPlan(), Trace(sink=trace_file))
     module.save_config(run_dir)
+    if saved is not None:
+        module.restore(saved.module)
+        shutil.copy(saved.console_log, run_dir / "console.boot.log")
     machine = QemuMachine(config, Boot(images.kernel, images.initrd, append), module, run_dir,
-                          serve_module=serve_module)
+                          serve_module=serve_module, incoming=saved.vmstate if saved else None)
     machine.start()
     return machine
 

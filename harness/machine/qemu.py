@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -31,6 +32,7 @@ from harness.transport.server import SeamServer
 log = logging.getLogger("harness.machine.qemu")
 
 CONNECT_TIMEOUT = 30.0
+SAVE_TIMEOUT = 120.0
 # The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
 # module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
 # that TCG lacks (the shim falls back to plain stores), end the machine on panic, and keep the
@@ -134,8 +136,9 @@ def parse_size(text: str) -> int:
 
 
 def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: Path | None,
-                 qmp_sock: Path) -> list[str]:
-    """The QEMU command line. ``seam_sock`` None leaves COM2 unconnected: no module answers."""
+                 qmp_sock: Path, incoming: Path | None = None) -> list[str]:
+    """The QEMU command line. ``seam_sock`` None leaves COM2 unconnected: no module answers.
+    ``incoming``: start from a machine state saved there (QemuMachine.save) instead of booting."""
     seam = ["-chardev", f"socket,id=seam0,path={seam_sock}", "-serial", "chardev:seam0"] if seam_sock else \
         ["-serial", "null"]
     append = " ".join(part for part in (config.base_append, boot.append, config.extra_append) if part)
@@ -151,6 +154,7 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
         *seam,
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
         *config.network_args(),
+        *(["-incoming", f"exec:cat {shlex.quote(str(incoming))}"] if incoming else []),
     ]
 
 
@@ -169,6 +173,7 @@ class QemuMachine(Machine):
     command: list[str] = field(default_factory=list)
     exitcode: int | None = None
     serve_module: bool = True
+    incoming: Path | None = None  # a saved machine state to resume instead of booting
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +209,8 @@ class QemuMachine(Machine):
             if self.serve_module:
                 self._seam = SeamServer(self.module, seam_path).start()
             self.command = qemu_command(self.config, self.boot, console_path,
-                                        seam_path if self.serve_module else None, self._sock_dir / "qmp")
+                                        seam_path if self.serve_module else None, self._sock_dir / "qmp",
+                                        self.incoming)
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
             log.info("$ %s", shlex.join(self.command))
             with open(self.qemu_log, "wb") as out:
@@ -268,6 +274,35 @@ class QemuMachine(Machine):
         qmp.command("set-action", reboot="shutdown")  # back to -no-reboot: a panic ends QEMU
         log.info("guest rebooted into %s; module power-cycled at the reset", release)
         return release
+
+    def save(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+        """Save the whole machine to ``path`` (QEMU migration to a file, the guest paused while it
+        is written), then let it run on. Take it while the guest is idle at its shell: then no
+        SEAMCALL is in flight, and the module's snapshot taken beside it matches."""
+        deadline = Deadline.after(timeout)
+        qmp = self.qmp()
+        qmp.command("stop")
+        qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+        while (status := qmp.command("query-migrate").get("status")) not in ("completed", "failed", "cancelled"):
+            if deadline.expired():
+                raise MachineBroken(f"saving the machine to {path} still {status!r} after {deadline.seconds:.0f}s")
+            time.sleep(0.05)
+        if status != "completed":
+            raise MachineBroken(f"saving the machine to {path} ended {status!r}: see {self.qemu_log}")
+        qmp.command("cont")
+        log.info("machine saved to %s (%.1f MB)", path, path.stat().st_size / 1e6)
+
+    def resume_saved(self, timeout: float) -> str:
+        """For a machine started with ``incoming``: wait until QEMU has loaded the state, let the
+        guest run, and check its shell answers; returns the kernel release (as wait_ready)."""
+        deadline = Deadline.after(timeout)
+        qmp = self.qmp()
+        qmp.wait_status(deadline, "paused", "running")  # "inmigrate" while loading
+        qmp.command("cont")
+        result = self.run("uname -r", deadline.remaining())
+        if result.status:
+            raise MachineBroken(f"the restored guest's shell answered {result.status}: {result.output[-300:]}")
+        return result.output.strip()
 
     def interact(self, stdin: TextIO, stdout: TextIO) -> None:
         self._require_running().interact(stdin, stdout)

@@ -11,11 +11,13 @@ TDH.SYS.INIT starts over. The state survives guest reboots and kexec, as firmwar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,16 @@ class ModuleState:
     wbcache: dict[int, td.WbCacheProgress] = field(default_factory=dict)  # by package
 
 
+@dataclass(frozen=True)
+class ModuleSnapshot:
+    """The module as a saved machine left it: its state, the boots it saw and its trace so far
+    (the platform and fault plan belong to the machine's configuration, not to the snapshot)."""
+
+    state: ModuleState
+    boots: int
+    records: tuple[TraceRecord, ...]
+
+
 class TdxModule:
     """Dispatches SEAMCALLs against the platform config, the fault plan and the module state."""
 
@@ -148,6 +160,17 @@ class TdxModule:
         """What this module was set up with, beside a run's logs: platform.json, faults.json."""
         (run_dir / "platform.json").write_text(json.dumps(dataclasses.asdict(self.platform), indent=2))
         (run_dir / "faults.json").write_text(self.faults.to_json())
+
+    def snapshot(self) -> ModuleSnapshot:
+        return ModuleSnapshot(copy.deepcopy(self.state), self.boots, tuple(self.trace.records))
+
+    def restore(self, snap: ModuleSnapshot) -> None:
+        """Continue from ``snap``: as the firmware state of a machine restored from a file."""
+        self.state, self.boots = copy.deepcopy(snap.state), snap.boots
+        for record in snap.records:
+            self.trace.append(record)
+        if snap.records:  # the trace's clock goes on from the last call, not from zero
+            self.trace.start = time.monotonic() - snap.records[-1].time
 
     def power_cycle(self) -> None:
         """Machine reset or power-off: the BIOS reloads the module, all state is gone."""

@@ -12,7 +12,7 @@ from harness.seam.platform import PlatformConfig
 
 
 def test_first_boot_initializes_tdx(boot):
-    machine = boot(QemuConfig())
+    machine = boot(QemuConfig(), reuse=True)  # whether booted here or resumed, the boot's log and trace
     platform = machine.module.platform
     log = kernel_log(machine)
     found = log.expect_in_order([patterns.BIOS_ENABLED, patterns.S3_DISABLED, patterns.MODULE_VERSION,

@@ -55,7 +55,7 @@ def console_log(machine: QemuMachine) -> Timeline:
 
 
 def test_reboot_disables_module_and_next_boot_initializes_it(boot):
-    machine = boot(QemuConfig())
+    machine = boot(QemuConfig(), reuse=True)
     kernel_log(machine).expect(patterns.INITIALIZED)
     first = machine.module.boots
     [step] = run_steps(machine, [Reboot()])
@@ -87,7 +87,7 @@ def test_reboot_sys_disable_failure_is_printed_and_reboot_completes(boot):
 
 
 def test_kexec_disables_module_and_new_kernel_initializes_it(boot):
-    machine = boot(QemuConfig())
+    machine = boot(QemuConfig(), reuse=True)
     kernel_log(machine).expect(patterns.INITIALIZED)
     [step] = run_steps(machine, [Kexec()])
     assert step.boots_after == step.boots_before + 1
@@ -102,7 +102,7 @@ def test_kexec_disables_module_and_new_kernel_initializes_it(boot):
 
 
 def test_kexec_three_times_in_a_row(boot):
-    machine = boot(QemuConfig())
+    machine = boot(QemuConfig(), reuse=True)
     steps = run_steps(machine, [Kexec(), Kexec(file_load=True), Kexec()])
     for step in steps:
         assert step.boots_after == step.boots_before + 1, f"{step.step} did not boot a new kernel"
