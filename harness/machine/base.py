@@ -9,13 +9,16 @@ import enum
 import logging
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from harness.deadline import Deadline
-from harness.machine.console import CommandResult, Console, ConsoleError
+from harness.machine.console import CommandResult, Console, ConsoleError, ConsoleTimeout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Every machine that was started, stopped again when the interpreter exits: an interrupt that
 # lands between start() and the caller's try/finally (a Ctrl-C at the wrong bytecode) must still
@@ -99,19 +102,36 @@ class Machine(abc.ABC):
         """Wait for the initramfs readiness marker; returns the guest's kernel release."""
         console = self._require_running()
         try:
-            return console.wait_ready(Deadline.after(timeout))
+            return self._diagnosed(lambda: console.wait_ready(Deadline.after(timeout)))
         except ConsoleError as err:
             self._broken = err
             raise
 
     def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait for ``pattern`` on the console, after what earlier waits consumed."""
-        return self._require_running().expect(pattern, Deadline.after(timeout))
+        console = self._require_running()
+        return self._diagnosed(lambda: console.expect(pattern, Deadline.after(timeout)))
 
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
         (pass False for commands that print kernel-log lines themselves, like dmesg)."""
-        return self._require_running().run(cmd, timeout, strip_printk=strip_printk)
+        console = self._require_running()
+        return self._diagnosed(lambda: console.run(cmd, timeout, strip_printk=strip_printk))
+
+    def _diagnosed(self, wait: Callable[[], T]) -> T:
+        """``wait()``; when the guest does not answer in time, what the emulator can tell about
+        its CPUs goes to a file named in the error (the guest may be hung, not just slow)."""
+        try:
+            return wait()
+        except ConsoleTimeout as err:
+            report = self.hang_report()
+            if report is not None:
+                err.add_note(f"guest state at the timeout: {report}")
+            raise
+
+    def hang_report(self) -> Path | None:
+        """Write what the emulator knows of a guest that stopped answering; the file, or None."""
+        return None
 
     def send(self, cmd: str) -> None:
         """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash)."""

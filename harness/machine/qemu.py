@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TextIO
 
 from harness.deadline import Deadline
-from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunState
+from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, MachineError, RunState
 from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
 from harness.machine.qmp import Qmp
 from harness.seam.module import TdxModule
+from harness.seam.trace import format_record
 from harness.transport.server import SeamServer
 
 log = logging.getLogger("harness.machine.qemu")
@@ -303,6 +304,24 @@ class QemuMachine(Machine):
         if result.status:
             raise MachineBroken(f"the restored guest's shell answered {result.status}: {result.output[-300:]}")
         return result.output.strip()
+
+    def hang_report(self) -> Path | None:
+        """QEMU's run state, each vCPU's registers (HMP info registers -a) and the module's last
+        SEAMCALL: enough to tell a guest spinning, halted or waiting on COM2 from a slow one."""
+        path = self.run_dir / "hang.txt"
+        parts = []
+        try:
+            qmp = self.qmp(timeout=5.0)
+            parts += [f"QEMU run state: {qmp.status()}", "== info cpus", qmp.hmp("info cpus"),
+                      "== info registers -a", qmp.hmp("info registers -a")]
+        except MachineError as err:
+            parts.append(f"QMP did not answer: {err}")
+        last = self.module.trace.records[-1] if self.module.trace.records else None
+        parts.append(f"== SEAMCALLs answered: {len(self.module.trace)}; the last: "
+                     f"{format_record(last) if last else 'none'}")
+        path.write_text("\n".join(parts) + "\n")
+        log.warning("the guest did not answer in time: its CPUs' state is in %s", path)
+        return path
 
     def interact(self, stdin: TextIO, stdout: TextIO) -> None:
         self._require_running().interact(stdin, stdout)
