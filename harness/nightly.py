@@ -96,6 +96,9 @@ def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[in
     for test in tests:
         log.info("$ cd %s && %s", REPO, shlex.join([sys.executable, *pytest_args(test, images, out)]))
     config = job_config(out)
+    # Avocado prints its progress through its own handlers; its loggers reaching the harness's
+    # root handler too would print every line twice and its internal chatter besides.
+    logging.getLogger("avocado").propagate = False
     suite = TestSuite(name="tdx", tests=runnables, config=config)
     # Avocado's exec-tests run in the job's working directory: the repository root (pytest's rootdir).
     with contextlib.chdir(REPO), Job(config, [suite]) as job:
