@@ -1,6 +1,7 @@
 """`tdxh nightly` end to end on two scenarios, one passing and one failing on purpose
 (tests/data/repro/): an avocado job with one test each, per-scenario result directories, JUnit
-XML, and a report that shows the failure first with its bundle and its SEAMCALL timeline."""
+XML, and a report that shows the failure first with its bundle (which `tdxh repro` reproduces)
+and its SEAMCALL timeline."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def test_nightly_runs_each_scenario_in_an_avocado_job_and_reports_failures_first
             assert (machine / name).is_file(), f"{nodeid}: no {name} in {machine}"
     bundle = out / "scenarios" / artifact_name(FAILING) / "repro.tar.gz"
     assert bundle.is_file()
+    repro = subprocess.run([sys.executable, "-m", "harness", "repro", str(bundle), "--work", str(tmp_path / "repro")],
+                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert repro.returncode == 0 and "reproduced: the same failure" in repro.stdout, repro.stdout + repro.stderr
 
     page = (out / "report.html").read_text()
     rows = re.findall(r'<tr class="(\w+)"><td>\w+</td><td>([^<]+)</td>', page)
