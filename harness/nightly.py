@@ -70,15 +70,24 @@ def pytest_args(test: NightlyTest, images: Images, out: Path) -> list[str]:
 
 
 def job_config(out: Path) -> dict[str, Any]:
-    job = out / "job"
     return {
-        "run.results_dir": str(job),
+        "run.results_dir": str(out / "job"),
         "run.max_parallel_tasks": 1,  # the scenarios use both cores themselves
         "job.run.result.xunit.output": str(out / "results.xml"),
         "runner.exectest.exitcodes.skip": [5],  # pytest: nothing collected (a skipped scenario is 0)
         "sysinfo.collect.enabled": "off",
-        **{f"datadir.paths.{key}": str(job / "data") for key in ("base_dir", "data_dir", "logs_dir", "test_dir")},
     }
+
+
+def keep_avocado_inside(out: Path) -> None:
+    """Avocado looks up its data directories in its global settings, not in a job's config, and
+    falls back to creating ~/avocado: point them into the output directory."""
+    from avocado.core.settings import settings
+
+    data = out / "job" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for key in ("base_dir", "data_dir", "logs_dir", "test_dir"):
+        settings.update_option(f"datadir.paths.{key}", str(data))
 
 
 def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[int, Path]:
@@ -95,6 +104,7 @@ def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[in
                  for t in tests]
     for test in tests:
         log.info("$ cd %s && %s", REPO, shlex.join([sys.executable, *pytest_args(test, images, out)]))
+    keep_avocado_inside(out)
     config = job_config(out)
     # Avocado prints its progress through its own handlers; its loggers reaching the harness's
     # root handler too would print every line twice and its internal chatter besides.
