@@ -16,17 +16,22 @@ import pytest
 from harness import paths
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
-from harness.kernel.inspect import check_kernel
-from harness.launch import Images, SavedMachine, prepare_images, save_machine, start_machine
+from harness.launch import (
+    Images,
+    SavedMachine,
+    image_options_problem,
+    prepare_images,
+    save_machine,
+    start_machine,
+)
 from harness.machine.base import Machine
 from harness.machine.bochs import TD_MIN_IPS, BochsConfig, BochsMachine, start_bochs_machine
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
 from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
-from harness.repro import write_bundle
+from harness.repro import BUNDLE_NAME, write_bundle
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
 
-REPRO_BUNDLE = "repro.tar.gz"
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
 
@@ -56,17 +61,10 @@ def images(request: pytest.FixtureRequest) -> Images:
     """Kernel and initramfs for this session (the default build is cached across sessions)."""
     opt = request.config.getoption
     kernel, tree, initramfs = opt("--kernel"), opt("--kernel-tree"), opt("--initramfs")
-    if kernel and tree:
-        raise pytest.UsageError("--kernel and --kernel-tree are exclusive")
-    if initramfs and not kernel:
-        raise pytest.UsageError("--initramfs goes with --kernel (the initramfs carries that kernel's modules)")
-    if initramfs:
-        if not initramfs.is_file():
-            raise pytest.UsageError(f"--initramfs {initramfs}: no such file")
-        check_kernel(kernel)
-        found = Images(kernel, initramfs, None, str(kernel))
-    else:
-        found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree)
+    problem = image_options_problem(kernel, tree, initramfs)
+    if problem:
+        raise pytest.UsageError(problem)
+    found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree, initramfs=initramfs)
     request.config.stash[_IMAGES] = found
     return found
 
@@ -105,7 +103,7 @@ def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     failure = request.node.stash.get(_FAILURE, None)
     images = request.config.stash.get(_IMAGES, None)
     if failure is not None and images is not None and "images" in request.fixturenames:
-        bundle = write_bundle(path / REPRO_BUNDLE, request.node.nodeid, failure, images.kernel, images.initrd,
+        bundle = write_bundle(path / BUNDLE_NAME, request.node.nodeid, failure, images.kernel, images.initrd,
                               images.identity, path)
         print(f"\nreproducer bundle: {bundle} (re-run it with `tdxh repro {bundle}`)")
     if not request.node.stash.get(_FAILED, True) and not request.config.getoption("--keep-artifacts"):
@@ -148,9 +146,9 @@ def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine
         if saved is not None:
             machine.resume_saved(BOOT_TIMEOUT)
         elif ready:
-            release = machine.wait_ready(BOOT_TIMEOUT)
+            machine.wait_ready(BOOT_TIMEOUT)
             if reusable:
-                saved_machines[key] = save_machine(machine, saves / f"{len(saved_machines)}.vmstate", release)
+                saved_machines[key] = save_machine(machine, saves / f"{len(saved_machines)}.vmstate")
         return machine
 
     yield start

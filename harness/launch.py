@@ -46,21 +46,34 @@ class Images:
 
 
 def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | None = None,
-                   extra_patches: Sequence[Path] = ()) -> Images:
-    """A prebuilt ``kernel`` (checked first), a developer's ``kernel_tree``, or Debian's source.
+                   extra_patches: Sequence[Path] = (), initramfs: Path | None = None) -> Images:
+    """A prebuilt ``kernel`` (checked first; with ``initramfs``, that one is booted as it is),
+    a developer's ``kernel_tree``, or Debian's source.
     ``extra_patches`` go on top of the shim series; such a variant builds in its own directory
     under the cache (same layout, so ccache still hits) and leaves the plain build alone."""
-    if kernel is not None and kernel_tree is not None:
-        raise ValueError("give --kernel or --kernel-tree, not both")
+    problem = image_options_problem(kernel, kernel_tree, initramfs)
+    if problem:
+        raise ValueError(problem)
     with file_lock(cache / "images.lock", "building the kernel and initramfs", BUILD_LOCK_TIMEOUT):
-        return _prepare_images(cache, kernel, kernel_tree, extra_patches)
+        return _prepare_images(cache, kernel, kernel_tree, extra_patches, initramfs)
+
+
+def image_options_problem(kernel: Path | None, kernel_tree: Path | None, initramfs: Path | None) -> str | None:
+    """What is wrong with this choice of images (checked before anything is built), or None."""
+    if kernel is not None and kernel_tree is not None:
+        return "give --kernel or --kernel-tree, not both"
+    if initramfs is not None and kernel is None:
+        return "--initramfs goes with --kernel (the initramfs carries that kernel's modules)"
+    if initramfs is not None and not initramfs.is_file():
+        return f"--initramfs {initramfs}: no such file"
+    return None
 
 
 def _prepare_images(cache: Path, kernel: Path | None, kernel_tree: Path | None,
-                    extra_patches: Sequence[Path]) -> Images:
+                    extra_patches: Sequence[Path], initramfs: Path | None) -> Images:
     if kernel is not None:
         check_kernel(kernel)
-        return Images(kernel, _initramfs(cache, kernel, None), None, str(kernel))
+        return Images(kernel, initramfs or _initramfs(cache, kernel, None), None, str(kernel))
     source = user_tree(kernel_tree) if kernel_tree is not None else debian_source(cache)
     request = BuildRequest(source=source, cache=cache)
     if extra_patches:
@@ -109,16 +122,15 @@ class SavedMachine:
     vmstate: Path
     module: ModuleSnapshot
     console_log: Path  # the boot's console, copied beside each resumed machine's logs
-    release: str
 
 
-def save_machine(machine: QemuMachine, path: Path, release: str) -> SavedMachine:
+def save_machine(machine: QemuMachine, path: Path) -> SavedMachine:
     """Save a ready machine (idle at its shell) and let it run on."""
     module = machine.module.snapshot()
     machine.save(path)
     console = path.with_suffix(".console.log")
     shutil.copy(machine.console_log, console)
-    return SavedMachine(path, module, console, release)
+    return SavedMachine(path, module, console)
 
 
 def start_machine(images: Images, config: QemuConfig, run_dir: Path, platform: PlatformConfig | None = None,

@@ -26,6 +26,7 @@ from typing import Any
 
 from harness.launch import Images
 from harness.paths import REPO
+from harness.repro import pytest_command
 
 log = logging.getLogger("harness.nightly")
 
@@ -63,10 +64,10 @@ def collect(selection: Sequence[str]) -> list[str]:
     return nodeids
 
 
-def pytest_args(test: NightlyTest, images: Images, out: Path) -> list[str]:
+def test_command(test: NightlyTest, images: Images, out: Path) -> list[str]:
     """The command line of one test: the session's images, its own artifacts and JUnit file."""
-    return ["-m", "pytest", "-q", test.nodeid, "--kernel", str(images.kernel), "--initramfs", str(images.initrd),
-            "--artifacts", str(out / "scenarios"), "--keep-artifacts", "--junitxml", str(out / test.junit)]
+    return pytest_command(test.nodeid, images.kernel, images.initrd, out / "scenarios", out / test.junit,
+                          ["--keep-artifacts"])
 
 
 def job_config(out: Path) -> dict[str, Any]:
@@ -100,10 +101,11 @@ def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[in
     except ImportError as err:
         raise NightlyError(f"avocado-framework is not installed ({err}): pip install avocado-framework") from err
     (out / "junit").mkdir(parents=True, exist_ok=True)
-    runnables = [Runnable("exec-test", sys.executable, *pytest_args(t, images, out), identifier=t.nodeid)
-                 for t in tests]
+    runnables = []
     for test in tests:
-        log.info("$ cd %s && %s", REPO, shlex.join([sys.executable, *pytest_args(test, images, out)]))
+        command = test_command(test, images, out)
+        log.info("$ cd %s && %s", REPO, shlex.join(command))
+        runnables.append(Runnable("exec-test", *command, identifier=test.nodeid))
     keep_avocado_inside(out)
     config = job_config(out)
     # Avocado prints its progress through its own handlers; its loggers reaching the harness's

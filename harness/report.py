@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.paths import artifact_name
-from harness.repro import junit_failure
+from harness.repro import BUNDLE_NAME, junit_failure
 from harness.seam.trace import TraceRecord, read_trace
 
 # Avocado statuses, worst first: the table's order.
 STATUS_ORDER = ("ERROR", "FAIL", "INTERRUPT", "CANCEL", "WARN", "SKIP", "PASS")
 LOG_FILES = ("console.log", "seamcalls.jsonl", "qemu.cmdline", "bochs.cmdline", "platform.json", "faults.json")
+TIMELINE = "timeline.svg"  # beside each machine's seamcalls.jsonl
 TIMELINE_WIDTH, LANE_HEIGHT, LABEL_WIDTH = 900, 16, 190
 
 
@@ -100,10 +101,16 @@ def write_timelines(result: TestResult) -> list[Path]:
     for trace in result.traces():
         svg = timeline_svg(read_trace(trace), f"{result.nodeid}: {trace.parent.name}")
         if svg:
-            path = trace.with_name("timeline.svg")
+            path = trace.with_name(TIMELINE)
             path.write_text(svg)
             written.append(path)
     return written
+
+
+def _timeline_of(trace: Path) -> str:
+    """The picture write_timelines() drew for ``trace`` ("" for an empty trace)."""
+    picture = trace.with_name(TIMELINE)
+    return picture.read_text() if picture.exists() else ""
 
 
 def _link(path: Path, base: Path, text: str) -> str:
@@ -118,11 +125,11 @@ def _links(result: TestResult, base: Path) -> str:
     links = [_link(result.logdir / "stdout", base, "output")]
     if result.artifacts.is_dir():
         links.append(_link(result.artifacts, base, "artifacts"))
-        bundle = result.artifacts / "repro.tar.gz"
+        bundle = result.artifacts / BUNDLE_NAME
         if bundle.exists():
             links.append(_link(bundle, base, "repro bundle"))
         for machine in sorted(p for p in result.artifacts.iterdir() if p.is_dir()):
-            links += [_link(machine / name, base, f"{machine.name}/{name}") for name in (*LOG_FILES, "timeline.svg")
+            links += [_link(machine / name, base, f"{machine.name}/{name}") for name in (*LOG_FILES, TIMELINE)
                       if (machine / name).exists()]
     return " ".join(links)
 
@@ -136,7 +143,7 @@ def render(results: Sequence[TestResult], out: Path, title: str) -> str:
         for r in results)
     sections = "".join(
         f'<h3>{html.escape(r.nodeid)}</h3><p>{html.escape(r.failure)}</p>'
-        + "".join(f"<p>{html.escape(t.parent.name)}</p>{timeline_svg(read_trace(t), r.nodeid)}" for t in r.traces())
+        + "".join(f"<p>{html.escape(t.parent.name)}</p>{_timeline_of(t)}" for t in r.traces())
         for r in failed)
     summary = " | ".join(f"{status} {n}" for status, n in counts.items() if n)
     return f"""<!DOCTYPE html>
@@ -155,7 +162,7 @@ tr.pass td:first-child {{ background: #9d9; }} tr.skip td:first-child {{ backgro
 
 
 def write_report(results: Sequence[TestResult], out: Path, title: str) -> Path:
-    for result in results:
+    for result in results:  # first: the page embeds the failures' pictures from these files
         write_timelines(result)
     path = out / "report.html"
     path.write_text(render(results, out, title))

@@ -21,6 +21,7 @@ import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from harness.paths import REPO
 log = logging.getLogger("harness.repro")
 
 FORMAT = 1
+BUNDLE_NAME = "repro.tar.gz"  # in a failing scenario's artifact directory
 INFO = "bundle.json"
 KERNEL = "images/bzImage"
 INITRAMFS = "images/initramfs.cpio.gz"
@@ -171,16 +173,18 @@ class ReproResult:
         return f"reproduced, but it failed differently:\n  was: {original}\n  now: {self.failure_line}"
 
 
-def pytest_command(bundle: Bundle, artifacts: Path, junit: Path, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", bundle.info.nodeid,
-            "--kernel", str(bundle.kernel), "--initramfs", str(bundle.initrd), "--artifacts", str(artifacts),
-            "--junitxml", str(junit), *(extra or [])]
+def pytest_command(nodeid: str, kernel: Path, initrd: Path, artifacts: Path, junit: Path,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """pytest on one test, from the repository root, booting exactly these images (no build),
+    its logs under ``artifacts`` and its outcome in ``junit`` (tdxh repro, tdxh nightly)."""
+    return [sys.executable, "-m", "pytest", "-q", nodeid, "--kernel", str(kernel), "--initramfs", str(initrd),
+            "--artifacts", str(artifacts), "--junitxml", str(junit), *extra]
 
 
-def reproduce(bundle: Bundle, work: Path, timeout: float, extra: list[str] | None = None) -> ReproResult:
+def reproduce(bundle: Bundle, work: Path, timeout: float, extra: Sequence[str] = ()) -> ReproResult:
     """Run the bundle's scenario again (from the repository root, as it was run)."""
     artifacts, junit = work / "artifacts", work / "junit.xml"
-    command = pytest_command(bundle, artifacts, junit, extra)
+    command = pytest_command(bundle.info.nodeid, bundle.kernel, bundle.initrd, artifacts, junit, extra)
     log.info("$ cd %s && %s", REPO, shlex.join(command))
     status = subprocess.run(command, check=False, cwd=REPO, timeout=timeout).returncode
     line = junit_failure(junit, bundle.info.nodeid) if junit.exists() else ""
