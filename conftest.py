@@ -34,6 +34,8 @@ from harness.seam.platform import PlatformConfig
 
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
+WORKER_MEMORY = 4 << 30  # a worker's guest (up to 2 GiB touched under TCG) and its module's memory
+EMULATED_VMX_GROUP = "emulated-vmx"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -54,6 +56,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where each scenario's logs and trace go [TDXH_ARTIFACTS]")
     group.addoption("--keep-artifacts", action="store_true", default=bool(os.environ.get("TDXH_KEEP_ARTIFACTS")),
                     help="keep logs of passing scenarios too [TDXH_KEEP_ARTIFACTS]")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, see pyproject.toml): one worker per CPU, as many as memory holds."""
+    cpus = len(os.sched_getaffinity(0))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(cpus, memory // WORKER_MEMORY))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Bochs scenarios (single-threaded emulator, the suite's longest tests) form one xdist
+    group: xdist schedules the largest group first, so one worker runs them back to back from
+    the start while the others take the QEMU scenarios, instead of leaving them for the tail."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "bochs_boot" in names or ("vmx_boot" in names and not nested_vmx_available()):
+            item.add_marker(pytest.mark.xdist_group(EMULATED_VMX_GROUP))
 
 
 @pytest.fixture(scope="session")

@@ -247,6 +247,16 @@ def bench_suite(pytest_args: Sequence[str]) -> Figure:
     return Figure(round(seconds, 3), "s", 1)
 
 
+def suite_from_flake(flake_json: Path) -> Figure:
+    """The default suite's wall time over the runs of ``scripts/flake --json`` (median, p99 from
+    20 runs on): the runs a flake check already made, instead of one more."""
+    runs = json.loads(flake_json.read_text()).get("runs") or []
+    seconds = [float(run["seconds"]) for run in runs]
+    if not seconds:
+        raise ValueError(f"{flake_json}: no runs (not written by scripts/flake --json?)")
+    return summarize(seconds, "s")
+
+
 def ratios(current: dict[str, dict[str, float]], previous: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """current / previous for each figure and statistic both runs have (> 1: slower or larger)."""
     out: dict[str, dict[str, float]] = {}
@@ -266,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatch-rounds", type=int, default=5000, help="module dispatch calls [5000]")
     parser.add_argument("--suite", action="store_true", help="also time the default test suite")
     parser.add_argument("--suite-args", default="", help="extra pytest arguments for --suite, one string")
+    parser.add_argument("--suite-from", type=Path, metavar="FLAKE.json",
+                        help="the suite's wall time from the runs of `scripts/flake --json FLAKE.json` instead")
     parser.add_argument("--cold-build", action="store_true", help="also time a cold kernel build (11+ minutes)")
     parser.add_argument("--kvm-flow", action="store_true",
                         help="also time the KVM TDX flow with 2 MiB of measured memory on Bochs (minutes)")
@@ -290,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="tdxh-bench-") as tmp:
             run_root = args.run_dir or Path(tmp)
             figures.update(bench_boots(args.boots, run_root))
-    if args.suite:
+    if args.suite_from:
+        figures["default_suite"] = suite_from_flake(args.suite_from)
+    elif args.suite:
         figures["default_suite"] = bench_suite(args.suite_args.split())
     if args.kvm_flow:
         with tempfile.TemporaryDirectory(prefix="tdxh-bench-") as tmp:

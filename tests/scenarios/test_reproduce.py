@@ -27,7 +27,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_failing_scenario_writes_a_bundle_that_tdxh_repro_reproduces(images: Images, tmp_path: Path):
-    first = run([sys.executable, "-m", "pytest", "-q", FAILING, "--kernel", str(images.kernel),
+    first = run([sys.executable, "-m", "pytest", "-q", "-n0", FAILING, "--kernel", str(images.kernel),
                  "--initramfs", str(images.initrd), "--artifacts", str(tmp_path / "first")])
     assert first.returncode == 1, f"the scenario should fail on purpose:\n{first.stdout[-3000:]}"
     [bundle_path] = (tmp_path / "first").glob("*/repro.tar.gz")

@@ -29,7 +29,7 @@ def test_default_machine():
     assert arg_after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1"]
     append = arg_after(argv, "-append")[0]
     for needed in ("console=ttyS0", "8250.nr_uarts=1", "nohibernate", "setcpuid=movdir64b", "panic=-1",
-                   "retain_initrd", "quiet"):
+                   "retain_initrd", "tsc=nowatchdog", "quiet"):
         assert needed in append.split()
     # COM1 is the console, COM2 the module, in that order.
     assert arg_after(argv, "-serial") == ["chardev:con0", "chardev:seam0"]
