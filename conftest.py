@@ -92,15 +92,13 @@ def images(request: pytest.FixtureRequest) -> Images:
 _IMAGES = pytest.StashKey[Images]()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    found = session.config.stash.get(_IMAGES, None)
-    xml = getattr(session.config, "_xml", None)
-    if found is not None and xml is not None:
-        xml.add_global_property("kernel", found.identity)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    found = item.config.stash.get(_IMAGES, None)
+    if call.when == "call" and found is not None and "images" in getattr(item, "fixturenames", ()):
+        # The kernel each scenario booted, as a property of its JUnit test case (also from xdist
+        # workers, whose reports carry user_properties to the controller's XML).
+        item.user_properties.append(("kernel", found.identity))
     outcome = yield
     report = outcome.get_result()
     if report.when == "call":

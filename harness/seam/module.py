@@ -229,7 +229,13 @@ class TdxModule:
             injected: str | None = rule.describe()
         else:
             injected = None
-            status = int(self._dispatch(call))
+            try:
+                status = int(self._dispatch(call))
+            except Exception as err:
+                # The exchange ends without a RETURN (the transport answers ERROR, the shim then
+                # returns VMFAILINVALID to the kernel): the trace still shows the call.
+                self._record(request, request.regs, Status.TDX_SEAMCALL_VMFAILINVALID, None, f"aborted: {err}")
+                raise
         regs = tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, request.regs))
         self._record(request, regs, status, injected, call.note)
         return SeamcallResult(status, regs)
