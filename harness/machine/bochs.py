@@ -30,7 +30,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import termios
 import threading
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, RunS
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, bochs_env, fetch_bochs
 from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
 from harness.machine.qemu import DIE_WITH_PARENT, parse_size
+from harness.machine.sockdir import socket_dir
 from harness.seam.faults import FaultPlan
 from harness.seam.module import TdxModule
 from harness.seam.platform import LogicalCpu, PlatformConfig, cmrs_for_ram, qemu_topology
@@ -409,8 +409,7 @@ class BochsMachine(Machine):
             install = self._install()
             iso = self._boot_image()
             if self.serve_module:
-                # Unix socket paths must stay short (sun_path is ~108 bytes): keep them in /tmp.
-                self._sock_dir = Path(tempfile.mkdtemp(prefix="tdxh-bochs-"))
+                self._sock_dir = socket_dir("bochs-")
                 self._seam = SeamServer(self.module, self._sock_dir / "seam").start()
                 self._bridge = _ModuleBridge(self._sock_dir / "seam")
             files = BochsFiles(install.bios, install.vgabios, iso, self.bochs_log,

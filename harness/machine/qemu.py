@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, MachineError, RunState
 from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
 from harness.machine.qmp import Qmp
+from harness.machine.sockdir import socket_dir
 from harness.seam.module import TdxModule
 from harness.seam.trace import format_record
 from harness.transport.server import SeamServer
@@ -198,8 +198,7 @@ class QemuMachine(Machine):
             raise MachineBroken(f"machine already {self.state.value}")
         self._track()
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
-        # Unix socket paths must stay short (sun_path is ~108 bytes): keep them in /tmp.
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="tdxh-"))
+        self._sock_dir = socket_dir()
         console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:  # every failure below goes through stop(): sockets, trace file, process group

@@ -1,5 +1,6 @@
 """No orphans: a harness process that dies (SIGKILL, SIGTERM) or is interrupted (Ctrl-C) leaves no
-QEMU behind; when it can still clean up (Ctrl-C), its sockets go too.
+QEMU behind; when it can still clean up (Ctrl-C), its sockets go too, else the next machine's
+start sweeps them.
 
 A child process starts a real QEMU through the machine layer (orphan_child.py). The guest is a
 stand-in "kernel" that spins in real mode: QEMU runs, no kernel build is needed. QEMU is found
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from harness.deadline import Deadline
+from harness.machine.sockdir import sweep_stale
 
 CHILD = Path(__file__).with_name("orphan_child.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -151,7 +153,9 @@ def test_qemu_dies_with_a_killed_harness(harness: Harness, sig: signal.Signals):
     os.kill(harness.proc.pid, sig)
     assert harness.proc.wait(10) == -sig
     assert harness.qemu.wait_gone(GONE_TIMEOUT), f"QEMU {harness.qemu.alive()} outlived its harness"
-    # Nothing could remove the socket directory; a later run does not reuse it (mkdtemp).
+    # Nothing could remove the socket directory: the next machine's start sweeps it.
+    assert harness.qemu.sock_dir.exists()
+    assert harness.qemu.sock_dir in sweep_stale(harness.qemu.sock_dir.parent)
 
 
 @pytest.mark.parametrize("harness", [(), ("--no-finally",)], ids=["in_try", "before_try"], indirect=True)
