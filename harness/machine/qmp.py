@@ -91,4 +91,9 @@ class Qmp:
         raise QmpError(f"DIMM {name} was added but query-memory-devices does not list it")
 
     def close(self) -> None:
-        self._qmp.close()
+        try:
+            self._qmp.close()
+        except (EOFError, OSError, QMPError) as err:
+            # QEMU already ended the connection (it exited: shutdown, -no-reboot after a panic);
+            # qemu.qmp re-raises that on disconnect. Nothing is left to close.
+            log.debug("QMP at %s was already closed by QEMU: %r", self.path, err)
