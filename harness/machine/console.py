@@ -148,7 +148,10 @@ def _shell_part(line: str, line_no: int, offset: int) -> tuple[_Piece, bool]:
     record = KERNEL_RECORD.search(line, offset)
     if record is None:
         return _Piece(line_no, offset, line[offset:]), line.endswith("\n")
-    return _Piece(line_no, offset, line[offset:record.start()]), False
+    # The tty writes the shell's line end as "\r\n" (ONLCR), and a record can land between the
+    # two: that "\r" belongs to the line end whose "\n" follows the record (seen in a CI run:
+    # "__TDXH_END_017dac__:1\r[    6.236562] Lockdown: ...\r\n\n").
+    return _Piece(line_no, offset, line[offset:record.start()].removesuffix("\r")), False
 
 
 def _text(pieces: list[_Piece]) -> str:

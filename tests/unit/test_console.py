@@ -348,12 +348,13 @@ def test_kernel_records_between_any_two_bytes_leave_output_and_status_whole(
         pair: tuple[Console, Guest]) -> None:
     """Measured on a CI run: "sh: write error:[ 2.04] OOM killer enabled.\n Function not
     im[ 2.04] Restarting tasks: Starting\nplemented", and a record between an end marker's
-    status and its line end. Every cut of the output and of the marker line is tried."""
+    status and its line end, also between the "\r" and "\n" of a line end ("...:1\r[ 6.23]
+    Lockdown: ...\r\n\n", seen later). Every cut of the output and of the marker line is tried."""
     console, guest = pair
     output = b"sh: write error: Function not implemented\r\n"
     marker_length = len("__TDXH_END_000000__:12")
-    cuts = [(at_output, at_marker) for at_output in range(len(output) - 1)
-            for at_marker in (0, 5, marker_length - 3, marker_length - 1, marker_length)]
+    cuts = [(at_output, at_marker) for at_output in range(len(output))
+            for at_marker in (0, 5, marker_length - 3, marker_length - 1, marker_length, marker_length + 1)]
 
     def answer() -> None:
         for _ in cuts:
@@ -370,9 +371,10 @@ def test_kernel_records_between_any_two_bytes_leave_output_and_status_whole(
     assert RECORD.decode().rstrip() in console.lines()
 
 
-def test_readiness_marker_interrupted_by_a_kernel_record(pair: tuple[Console, Guest]) -> None:
+@pytest.mark.parametrize("at", [15, len("TDXH-READY 7.3.0-tdxh\r")], ids=["in_the_release", "in_the_line_end"])
+def test_readiness_marker_interrupted_by_a_kernel_record(pair: tuple[Console, Guest], at: int) -> None:
     console, guest = pair
-    guest.send(interrupted(b"TDXH-READY 7.3.0-tdxh\r\n", 15))
+    guest.send(interrupted(b"TDXH-READY 7.3.0-tdxh\r\n", at))
     assert console.wait_ready(Deadline.after(5)) == "7.3.0-tdxh"
 
 
