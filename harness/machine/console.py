@@ -145,9 +145,14 @@ class _ShellText:
 def _shell_part(line: str, line_no: int, offset: int) -> tuple[_Piece, bool]:
     """The shell's part of one raw line from ``offset``, and whether the shell's line ends there
     (it does not when a kernel record interrupted it)."""
-    record = KERNEL_RECORD.search(line, offset)
+    # Searched from the line start: a command sent while a record was still arriving puts the
+    # offset inside it, and a record runs to its line end (seen after a resume: "[    1.99" was
+    # there, "8401] clocksource: ..." came after the command and was taken for its output).
+    record = KERNEL_RECORD.search(line)
     if record is None:
         return _Piece(line_no, offset, line[offset:]), line.endswith("\n")
+    if record.start() < offset:
+        return _Piece(line_no, offset, ""), False
     # The tty writes the shell's line end as "\r\n" (ONLCR), and a record can land between the
     # two: that "\r" belongs to the line end whose "\n" follows the record (seen in a CI run:
     # "__TDXH_END_017dac__:1\r[    6.236562] Lockdown: ...\r\n\n").

@@ -390,6 +390,19 @@ def test_a_record_still_arriving_is_not_output(pair: tuple[Console, Guest]) -> N
         assert console.run("false", timeout=5) == CommandResult(1, "")
 
 
+def test_a_record_that_began_before_the_command_is_not_output(pair: tuple[Console, Guest]) -> None:
+    """Seen on a resumed machine: the command went out while "[    1.99" was all of a record."""
+    console, guest = pair
+    guest.send(b"[    1.99")
+
+    def answer() -> None:
+        _, _, token = guest.read_command()
+        guest.send(b"8401] clocksource: tsc: mask: 0xffffffffffffffff\r\n", f"7.3.4\r\n{token}:0\r\n".encode())
+
+    with guest_thread(answer):
+        assert console.run("uname -r", timeout=5) == CommandResult(0, "7.3.4\n")
+
+
 def test_deadline() -> None:
     deadline = Deadline.after(10)
     assert 9 < deadline.remaining() <= 10 and not deadline.expired()
