@@ -177,7 +177,7 @@ def pytest_command(nodeid: str, kernel: Path, initrd: Path, artifacts: Path, jun
                    extra: Sequence[str] = ()) -> list[str]:
     """pytest on one test, from the repository root, booting exactly these images (no build),
     its logs under ``artifacts`` and its outcome in ``junit`` (tdxh repro, tdxh nightly). ``-n0``:
-    one test needs no xdist workers (the suite's default is ``-n auto``)."""
+    one test needs no xdist workers (also when the caller's options say ``-n auto``)."""
     return [sys.executable, "-m", "pytest", "-q", "-n0", nodeid, "--kernel", str(kernel), "--initramfs", str(initrd),
             "--artifacts", str(artifacts), "--junitxml", str(junit), *extra]
 
