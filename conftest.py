@@ -70,9 +70,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The Bochs scenarios (single-threaded emulator, the suite's longest tests) form one xdist
     group: xdist schedules the largest group first, so one worker runs them back to back from
     the start while the others take the QEMU scenarios, instead of leaving them for the tail."""
+    vmx_on_bochs = not nested_vmx_available()  # vmx_boot's choice: read /sys once, not per test
     for item in items:
         names = getattr(item, "fixturenames", ())
-        if "bochs_boot" in names or ("vmx_boot" in names and not nested_vmx_available()):
+        if "bochs_boot" in names or ("vmx_boot" in names and vmx_on_bochs):
             item.add_marker(pytest.mark.xdist_group(EMULATED_VMX_GROUP))
 
 
