@@ -112,6 +112,11 @@ class Machine(abc.ABC):
         console = self._require_running()
         return self._diagnosed(lambda: console.expect(pattern, Deadline.after(timeout)))
 
+    def wait_quiet(self, period: float, timeout: float) -> None:
+        """Wait until the console has been silent for ``period`` seconds."""
+        console = self._require_running()
+        self._diagnosed(lambda: console.wait_quiet(period, Deadline.after(timeout)))
+
     def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
         """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
         (pass False for commands that print kernel-log lines themselves, like dmesg)."""

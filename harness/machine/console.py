@@ -26,6 +26,7 @@ import re
 import secrets
 import selectors
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,6 +194,7 @@ class Console:
         # new text cost what they add, not the size of the console.
         self._lines = [""]
         self._cursor: _Position = (0, 0)  # where the next wait starts matching
+        self._last_arrival = time.monotonic()  # when the reader last received bytes
         self._eof = False
         self._closed = False
         self._reader_error: OSError | None = None
@@ -251,6 +253,8 @@ class Console:
                 self._lines[-1] += "\n"
                 self._lines.extend(piece + "\n" for piece in rest[:-1])
                 self._lines.append(rest[-1])
+            if chunk:
+                self._last_arrival = time.monotonic()
             self._eof = self._eof or final
             self._cond.notify_all()
 
@@ -267,6 +271,19 @@ class Console:
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         return self._wait(regex, deadline, f"pattern {regex.pattern!r}")[1]
+
+    def wait_quiet(self, period: float, deadline: Deadline) -> None:
+        """Wait until nothing has arrived for `period` seconds: the guest's CPUs are done with
+        the console driver for now (an injected machine check must not catch one inside it).
+
+        Raises ConsoleTimeout when the console is still talking at `deadline`, ConsoleClosed on
+        EOF or after close().
+        """
+        awaited = f"{period:g} s without console output"
+        with self._cond:
+            while (silent := time.monotonic() - self._last_arrival) < period:
+                self._check_waiting(deadline, awaited)
+                self._cond.wait(min(period - silent, deadline.remaining()))
 
     def wait_ready(self, deadline: Deadline) -> str:
         """Wait for the initramfs shell's readiness marker; returns the guest's `uname -r`."""

@@ -451,3 +451,45 @@ def test_send_does_not_wait_and_later_waits_start_after_it(pair: tuple[Console, 
     assert console.wait_ready(Deadline.after(5)) == "7.3.0"
     with pytest.raises(ValueError):
         console.send("a\nb")
+
+
+def test_wait_quiet_returns_a_period_after_the_last_byte(pair: tuple[Console, Guest]) -> None:
+    console, guest = pair
+    sent_at: list[float] = []
+
+    def chatter() -> None:
+        for index in range(5):
+            guest.send(b"[    1.%06d] still talking\r\n" % index)
+            sent_at.append(time.monotonic())
+            time.sleep(0.05)
+
+    with guest_thread(chatter):
+        time.sleep(0.01)  # the first line is on its way: the wait must outlast the chatter
+        console.wait_quiet(0.3, Deadline.after(10))
+        returned = time.monotonic()
+    assert len(sent_at) == 5 and returned - sent_at[-1] >= 0.3 - 0.01, \
+        f"returned {returned - sent_at[-1]:.3f} s after the last line, the period is 0.3 s"
+
+
+def test_wait_quiet_on_a_console_that_never_stops_times_out(pair: tuple[Console, Guest]) -> None:
+    console, guest = pair
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            guest.send(b"spam\r\n")
+            time.sleep(0.02)
+
+    with guest_thread(chatter), pytest.raises(ConsoleTimeout, match=r"0\.3 s without console output"):
+        try:
+            console.wait_quiet(0.3, Deadline.after(1.0))
+        finally:
+            stop.set()
+
+
+def test_wait_quiet_after_eof_raises_closed(pair: tuple[Console, Guest]) -> None:
+    console, guest = pair
+    guest.send(b"last words\r\n")
+    guest.sock.close()
+    with pytest.raises(ConsoleClosed, match="EOF"):
+        console.wait_quiet(5, Deadline.after(5))
