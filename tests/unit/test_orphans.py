@@ -33,6 +33,7 @@ CHILD = Path(__file__).with_name("orphan_child.py")
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0  # QEMU start on a loaded 2-core machine
 GONE_TIMEOUT = 15.0  # SIGKILL via the parent-death signal is immediate; stop() allows 5 s for SIGTERM
+WORKER_GONE_TIMEOUT = 40.0  # an orphaned xdist worker ends itself within 20 s (5 + 15, execnet)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("setpriv") is None,
                                 reason="needs qemu-system-x86_64 and setpriv")
@@ -173,6 +174,69 @@ def test_ctrl_c_stops_qemu_and_cleans_up(harness: Harness):
     assert not sock_dir.exists(), f"{sock_dir} left behind: {list(sock_dir.iterdir())}"
     assert {"qemu.cmdline", "qemu.log", "seamcalls.jsonl"} <= {p.name for p in harness.run_dir.iterdir()}
     assert not [p for p in harness.run_dir.iterdir() if p.is_socket()]
+
+
+PARKED_TEST = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {unit!r})
+from orphan_child import main
+
+def test_parked():
+    main(Path({run!r}), Path({kernel!r}), Path({initrd!r}), True)
+"""
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def wait_started(proc: subprocess.Popen[bytes], run_dir: Path, deadline: Deadline) -> Qemu:
+    """The QEMU the nested run's worker started, once it runs."""
+    while True:
+        cmdline = run_dir / "qemu.cmdline"
+        if cmdline.exists() and (qemu := Qemu.of(cmdline.read_text())).alive():
+            return qemu
+        assert proc.poll() is None, f"the nested pytest ended ({proc.returncode}) before its machine started"
+        assert not deadline.expired(), f"no machine from the nested pytest within {deadline.seconds:.0f} s"
+        time.sleep(0.1)
+
+
+def test_a_killed_parallel_run_leaves_no_worker_and_no_qemu(tmp_path: Path):
+    """pytest -n: the emulators are children of xdist workers, not of the pytest that gets killed.
+    A worker whose controller is gone ends itself (execnet: SIGINT to itself after 5 s, which
+    runs the machines' cleanup, and os._exit after 15 s more), and its emulators die with it."""
+    kernel, initrd = spinning_kernel(tmp_path / "bzImage"), tmp_path / "initrd"
+    initrd.write_bytes(bytes(512))
+    test = tmp_path / "test_parked.py"
+    test.write_text(PARKED_TEST.format(unit=str(CHILD.parent), run=str(tmp_path / "run"), kernel=str(kernel),
+                                       initrd=str(initrd)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "1", "-p", "no:cacheprovider",
+               "-c", os.devnull, "--rootdir", str(tmp_path), str(test)]
+    with open(tmp_path / "nested.log", "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+    qemu: Qemu | None = None
+    try:
+        qemu = wait_started(proc, tmp_path / "run", Deadline.after(START_TIMEOUT))
+        [qemu_pid] = qemu.alive()
+        worker = parent_of(qemu_pid)
+        assert parent_of(worker) == proc.pid, "QEMU's parent is not an xdist worker of the nested pytest"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = Deadline.after(WORKER_GONE_TIMEOUT)
+        while Path(f"/proc/{worker}").exists() and not deadline.expired():
+            time.sleep(0.05)
+        assert not Path(f"/proc/{worker}").exists(), f"xdist worker {worker} outlived the killed pytest"
+        assert qemu.wait_gone(GONE_TIMEOUT), f"QEMU {qemu.alive()} outlived the killed parallel run"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if qemu is not None:
+            qemu.clean_up()
 
 
 def test_stop_ends_qemu_even_when_a_close_step_fails(tmp_path: Path):
