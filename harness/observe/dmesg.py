@@ -63,6 +63,26 @@ def parse_kmsg(lines: Iterable[str]) -> list[Record]:
     return records
 
 
+def kmsg_damage(lines: Iterable[str]) -> list[str]:
+    """What shows that a /dev/kmsg dump lost bytes on the console (a serial console under load
+    can drop a few around a kernel record): lines that are neither records nor continuation
+    lines (those start with a space), and gaps in the sequence numbers of one boot."""
+    damage: list[str] = []
+    last_seq: int | None = None
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        match = KMSG.match(line)
+        if match is None:
+            if line and not line.startswith(" "):
+                damage.append(f"not a record: {line[:80]!r}")
+            continue
+        seq = int(match["seq"])
+        if last_seq is not None and last_seq < seq != last_seq + 1:
+            damage.append(f"records {last_seq + 1}..{seq - 1} missing")
+        last_seq = seq
+    return damage
+
+
 class TimelineError(AssertionError):
     """An expectation on the kernel log failed; the message is meant to be read in a test report."""
 

@@ -6,7 +6,7 @@ import errno
 from pathlib import Path
 
 from harness.observe import pamt, patterns
-from harness.observe.dmesg import Timeline
+from harness.observe.dmesg import Timeline, kmsg_damage
 from harness.seam.abi import Leaf, Status, leaf_name
 from harness.seam.trace import read_trace
 
@@ -60,3 +60,18 @@ def test_kmsg_parsing_unescapes_and_counts_boots():
     records = Timeline.from_kmsg(["4,7,1000,-;tab\\x09here", " SUBSYSTEM=x", "garbage", "6,0,5,-;new kernel"]).records
     assert [(r.seq, r.level, r.text, r.boot) for r in records] == [(7, 4, "tab\there", 0), (0, 6, "new kernel", 1)]
     assert records[0].time == 0.001
+
+
+def test_an_intact_kmsg_dump_shows_no_damage():
+    assert kmsg_damage((DATA / "kmsg-first-boot.txt").read_text().splitlines()) == []
+
+
+def test_bytes_lost_around_a_console_record_show_as_damage():
+    """As a CI run saw it: 13 bytes of a record gone where a console record was taken out."""
+    lines = (DATA / "kmsg-first-boot.txt").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if ";virt/tdx: Module version" in line)
+    damaged = [*lines[:at], lines[at][:-13], "0000000000", *lines[at + 1:]]
+    assert kmsg_damage(damaged) == ["not a record: '0000000000'"]
+    merged = [*lines[:at], lines[at][:20] + lines[at + 1][12:], *lines[at + 2:]]  # a line end lost too
+    seq = int(lines[at + 1].split(",")[1])
+    assert kmsg_damage(merged) == [f"records {seq}..{seq} missing"]
