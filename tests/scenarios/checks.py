@@ -27,11 +27,12 @@ def kernel_log(machine: QemuMachine, allow: Iterable[Crash] = ()) -> Timeline:
     for _ in range(KMSG_READS):
         result = machine.run("tdxh-kmsg", DMESG_TIMEOUT)  # console printk lines interleaved are dropped
         assert result.status == 0, f"tdxh-kmsg failed with {result.status}: {result.output[-500:]}"
-        damage = kmsg_damage(result.output.splitlines())
+        lines = result.output.splitlines()
+        damage = kmsg_damage(lines)
         if not damage:
             break
         logger.warning("the kernel log came damaged over the console (%s): reading it again", "; ".join(damage[:3]))
-    log = Timeline.from_kmsg(result.output.splitlines(), machine.console_log)
+    log = Timeline.from_kmsg(lines, machine.console_log)
     assert log.records, f"no kernel records in /dev/kmsg: {result.output[-500:]!r}"
     seqs = [r.seq for r in log.records]
     assert seqs == sorted(seqs), "kernel records out of sequence"
