@@ -33,6 +33,7 @@ from harness.transport.server import SeamServer
 log = logging.getLogger("harness.machine.qemu")
 
 CONNECT_TIMEOUT = 30.0
+LOOPBACK = "127.0.0.1"
 SAVE_TIMEOUT = 120.0
 # The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
 # module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
@@ -140,9 +141,10 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
-def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: Path | None,
+def qemu_command(config: QemuConfig, boot: Boot, console_port: int, seam_sock: Path | None,
                  qmp_sock: Path, incoming: Path | None = None) -> list[str]:
-    """The QEMU command line. ``seam_sock`` None leaves COM2 unconnected: no module answers.
+    """The QEMU command line. ``console_port``: the harness's console listener on the loopback.
+    ``seam_sock`` None leaves COM2 unconnected: no module answers.
     ``incoming``: start from a machine state saved there (QemuMachine.save) instead of booting."""
     seam = ["-chardev", f"socket,id=seam0,path={seam_sock}", "-serial", "chardev:seam0"] if seam_sock else \
         ["-serial", "null"]
@@ -155,7 +157,11 @@ def qemu_command(config: QemuConfig, boot: Boot, console_sock: Path, seam_sock: 
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append,
         # COM1: console; COM2: the software TDX module. QEMU connects to the harness's sockets.
-        "-chardev", f"socket,id=con0,path={console_sock}", "-serial", "chardev:con0",
+        # The console goes over TCP, not a Unix socket: QEMU sends it one byte per send(), and a
+        # Unix socket charges each byte a whole buffer (~270 bytes fit), so a reader held up for
+        # a moment stopped the UART, and the kernel's console, tired of waiting, overwrote bytes
+        # still in its FIFO. TCP queues them by the byte (megabytes); nodelay: no Nagle wait.
+        "-chardev", f"socket,id=con0,host={LOOPBACK},port={console_port},nodelay=on", "-serial", "chardev:con0",
         *seam,
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
         *config.network_args(),
@@ -199,8 +205,8 @@ class QemuMachine(Machine):
         self._track()
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         self._sock_dir = socket_dir()
-        console_path, seam_path = self._sock_dir / "con", self._sock_dir / "seam"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        seam_path = self._sock_dir / "seam"
+        listener = socket.create_server((LOOPBACK, 0))
         try:  # every failure below goes through stop(): sockets, trace file, process group
             if shutil.which(self.config.qemu) is None:
                 raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)",
@@ -208,11 +214,9 @@ class QemuMachine(Machine):
             for path, what in ((self.boot.kernel, "kernel"), (self.boot.initrd, "initramfs")):
                 if not path.is_file():
                     raise LaunchError(f"{what} {path} does not exist", "", None, "")
-            listener.bind(str(console_path))
-            listener.listen(1)
             if self.serve_module:
                 self._seam = SeamServer(self.module, seam_path).start()
-            self.command = qemu_command(self.config, self.boot, console_path,
+            self.command = qemu_command(self.config, self.boot, listener.getsockname()[1],
                                         seam_path if self.serve_module else None, self._sock_dir / "qmp",
                                         self.incoming)
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")

@@ -1,4 +1,4 @@
-"""Per-machine socket directories (console, module channel, QMP) in the temp directory. Each
+"""Per-machine socket directories (module channel, QMP) in the temp directory. Each
 names its owner's pid, so a later run removes the ones whose harness died without cleaning up
 (SIGKILL, SIGTERM: no Python code runs then; QEMU itself dies through its parent-death signal).
 Unix socket paths must stay short (sun_path is ~108 bytes): hence /tmp, not the run directory."""

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,16 @@ def pids_mentioning(text: str) -> list[int]:
     return found
 
 
+def gone_within(still_there: Callable[[], object], timeout: float) -> bool:
+    """Poll until ``still_there()`` is false; False if it still holds at the deadline."""
+    deadline = Deadline.after(timeout)
+    while still_there():
+        if deadline.expired():
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @dataclass
 class Qemu:
     """A QEMU found by its machine's socket directory (unique per machine: mkdtemp)."""
@@ -78,20 +88,15 @@ class Qemu:
 
     @classmethod
     def of(cls, command_line: str) -> Qemu:
-        match = re.search(r"path=(/\S+)/con\b", command_line)
-        assert match, f"no console socket on the QEMU command line {command_line!r}"
+        match = re.search(r"unix:(/\S+)/qmp,", command_line)
+        assert match, f"no QMP socket on the QEMU command line {command_line!r}"
         return cls(Path(match.group(1)))
 
     def alive(self) -> list[int]:
-        return pids_mentioning(f"path={self.sock_dir}/")
+        return pids_mentioning(f"unix:{self.sock_dir}/qmp,")
 
     def wait_gone(self, timeout: float) -> bool:
-        deadline = Deadline.after(timeout)
-        while self.alive():
-            if deadline.expired():
-                return False
-            time.sleep(0.05)
-        return True
+        return gone_within(self.alive, timeout)
 
     def clean_up(self) -> None:
         """After a failed test: this test's QEMU only, and its directory."""
@@ -226,10 +231,8 @@ def test_a_killed_parallel_run_leaves_no_worker_and_no_qemu(tmp_path: Path):
         assert parent_of(worker) == proc.pid, "QEMU's parent is not an xdist worker of the nested pytest"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        deadline = Deadline.after(WORKER_GONE_TIMEOUT)
-        while Path(f"/proc/{worker}").exists() and not deadline.expired():
-            time.sleep(0.05)
-        assert not Path(f"/proc/{worker}").exists(), f"xdist worker {worker} outlived the killed pytest"
+        assert gone_within(Path(f"/proc/{worker}").exists, WORKER_GONE_TIMEOUT), \
+            f"xdist worker {worker} outlived the killed pytest"
         assert qemu.wait_gone(GONE_TIMEOUT), f"QEMU {qemu.alive()} outlived the killed parallel run"
     finally:
         if proc.poll() is None:

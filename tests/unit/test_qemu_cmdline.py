@@ -14,7 +14,7 @@ G = 1 << 30
 
 
 def command(config: QemuConfig, seam: Path | None = Path("/t/seam")) -> list[str]:
-    return qemu_command(config, Boot(Path("/k/bzImage"), Path("/k/initrd"), "quiet"), Path("/t/con"), seam,
+    return qemu_command(config, Boot(Path("/k/bzImage"), Path("/k/initrd"), "quiet"), 4321, seam,
                         Path("/t/qmp"))
 
 
@@ -33,6 +33,8 @@ def test_default_machine():
         assert needed in append.split()
     # COM1 is the console, COM2 the module, in that order.
     assert arg_after(argv, "-serial") == ["chardev:con0", "chardev:seam0"]
+    # The console over loopback TCP without Nagle (test_console_stall: no byte lost).
+    assert "socket,id=con0,host=127.0.0.1,port=4321,nodelay=on" in arg_after(argv, "-chardev")
     assert "-no-reboot" in argv and "-nodefaults" in argv
 
 
