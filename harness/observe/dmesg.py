@@ -45,42 +45,36 @@ KMSG = re.compile(r"^(?P<prio>\d+),(?P<seq>\d+),(?P<usec>\d+),[^;]*;(?P<text>.*)
 _KMSG_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
 
 
-def parse_kmsg(lines: Iterable[str]) -> list[Record]:
+@dataclass
+class KmsgDump:
+    """A /dev/kmsg dump read from the console: its records, and what shows that it lost bytes on
+    the way (kept as a guard; a console that dropped bytes is in docs/NOTES.md, session 6)."""
+    records: list[Record]
+    damage: list[str]  # lines that are neither records nor continuations; sequence gaps
+
+
+def read_kmsg(lines: Iterable[str]) -> KmsgDump:
     """Kernel records as /dev/kmsg gives them (tdxh-kmsg in the guest prints them)."""
     records: list[Record] = []
-    boot, last_seq = 0, -1
-    for line in lines:
-        match = KMSG.match(line.rstrip("\r\n"))
-        if match is None:
-            continue  # a continuation line, or something that is not a record
-        seq = int(match["seq"])
-        if seq <= last_seq:  # numbering restarted: a new kernel
-            boot += 1
-        last_seq = seq
-        text = _KMSG_ESCAPE.sub(lambda m: chr(int(m[1], 16)), match["text"])
-        records.append(Record(len(records), int(match["usec"]) / 1e6, text, boot, seq=seq,
-                              level=int(match["prio"]) & 7))
-    return records
-
-
-def kmsg_damage(lines: Iterable[str]) -> list[str]:
-    """What shows that a /dev/kmsg dump lost bytes on the console (a serial console under load
-    can drop a few around a kernel record): lines that are neither records nor continuation
-    lines (those start with a space), and gaps in the sequence numbers of one boot."""
     damage: list[str] = []
-    last_seq: int | None = None
+    boot, last_seq = 0, -1
     for raw in lines:
         line = raw.rstrip("\r\n")
         match = KMSG.match(line)
         if match is None:
-            if line and not line.startswith(" "):
+            if line and not line.startswith(" "):  # continuation lines start with a space
                 damage.append(f"not a record: {line[:80]!r}")
             continue
         seq = int(match["seq"])
-        if last_seq is not None and last_seq < seq != last_seq + 1:
+        if seq <= last_seq:  # numbering restarted: a new kernel
+            boot += 1
+        elif records and seq != last_seq + 1:
             damage.append(f"records {last_seq + 1}..{seq - 1} missing")
         last_seq = seq
-    return damage
+        text = _KMSG_ESCAPE.sub(lambda m: chr(int(m[1], 16)), match["text"])
+        records.append(Record(len(records), int(match["usec"]) / 1e6, text, boot, seq=seq,
+                              level=int(match["prio"]) & 7))
+    return KmsgDump(records, damage)
 
 
 class TimelineError(AssertionError):
@@ -98,7 +92,7 @@ class Timeline:
 
     @classmethod
     def from_kmsg(cls, lines: Iterable[str], source: Path | None = None) -> Timeline:
-        return cls(parse_kmsg(lines), source)
+        return cls(read_kmsg(lines).records, source)
 
     def find(self, pattern: re.Pattern[str], start: int = 0) -> Record | None:
         return next((r for r in self.records[start:] if pattern.search(r.text)), None)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from harness.machine.qemu import QemuMachine
 from harness.observe import pamt
 from harness.observe.crash import Crash, classify, unexpected
-from harness.observe.dmesg import Timeline, kmsg_damage
+from harness.observe.dmesg import Timeline, read_kmsg
 from harness.seam import abi
 from harness.seam.abi import Leaf
 from harness.seam.trace import TraceRecord
@@ -27,12 +27,12 @@ def kernel_log(machine: QemuMachine, allow: Iterable[Crash] = ()) -> Timeline:
     for _ in range(KMSG_READS):
         result = machine.run("tdxh-kmsg", DMESG_TIMEOUT)  # console printk lines interleaved are dropped
         assert result.status == 0, f"tdxh-kmsg failed with {result.status}: {result.output[-500:]}"
-        lines = result.output.splitlines()
-        damage = kmsg_damage(lines)
-        if not damage:
+        dump = read_kmsg(result.output.splitlines())
+        if not dump.damage:
             break
-        logger.warning("the kernel log came damaged over the console (%s): reading it again", "; ".join(damage[:3]))
-    log = Timeline.from_kmsg(lines, machine.console_log)
+        logger.warning("the kernel log came damaged over the console (%s): reading it again",
+                       "; ".join(dump.damage[:3]))
+    log = Timeline(dump.records, machine.console_log)
     assert log.records, f"no kernel records in /dev/kmsg: {result.output[-500:]!r}"
     seqs = [r.seq for r in log.records]
     assert seqs == sorted(seqs), "kernel records out of sequence"

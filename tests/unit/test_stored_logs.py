@@ -6,7 +6,7 @@ import errno
 from pathlib import Path
 
 from harness.observe import pamt, patterns
-from harness.observe.dmesg import Timeline, kmsg_damage
+from harness.observe.dmesg import Timeline, read_kmsg
 from harness.seam.abi import Leaf, Status, leaf_name
 from harness.seam.trace import read_trace
 
@@ -63,7 +63,7 @@ def test_kmsg_parsing_unescapes_and_counts_boots():
 
 
 def test_an_intact_kmsg_dump_shows_no_damage():
-    assert kmsg_damage((DATA / "kmsg-first-boot.txt").read_text().splitlines()) == []
+    assert read_kmsg((DATA / "kmsg-first-boot.txt").read_text().splitlines()).damage == []
 
 
 def test_bytes_lost_around_a_console_record_show_as_damage():
@@ -71,7 +71,7 @@ def test_bytes_lost_around_a_console_record_show_as_damage():
     lines = (DATA / "kmsg-first-boot.txt").read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if ";virt/tdx: Module version" in line)
     damaged = [*lines[:at], lines[at][:-13], "0000000000", *lines[at + 1:]]
-    assert kmsg_damage(damaged) == ["not a record: '0000000000'"]
+    assert read_kmsg(damaged).damage == ["not a record: '0000000000'"]
     merged = [*lines[:at], lines[at][:20] + lines[at + 1][12:], *lines[at + 2:]]  # a line end lost too
     seq = int(lines[at + 1].split(",")[1])
-    assert kmsg_damage(merged) == [f"records {seq}..{seq} missing"]
+    assert read_kmsg(merged).damage == [f"records {seq}..{seq} missing"]
