@@ -20,6 +20,10 @@ from harness.machine.console import CommandResult
 log = logging.getLogger("harness.machine.ssh")
 
 CONNECT_TIMEOUT = 30.0
+# dropbear since 2022.82 (Debian 12: 2022.83) may close a new session channel that has no process
+# yet when another session's process has just ended (mkj/dropbear#173, #258): here, the exec
+# right after an SFTP copy. The command never ran then, so it is sent again on a new channel, this often at most.
+EXEC_ATTEMPTS = 3
 _URL = re.compile(r"ssh://(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:]+)(?::(?P<port>\d+))?/?")
 
 
@@ -76,10 +80,7 @@ class SshMachine:
         deadline = Deadline.after(timeout)
         log.info("%s$ %s", self.target, cmd)
         try:
-            channel = self._transport().open_session(timeout=deadline.remaining())
-            channel.set_combine_stderr(True)
-            channel.settimeout(max(deadline.remaining(), 0.1))
-            channel.exec_command(cmd)
+            channel = self._exec(cmd, deadline)
             chunks = []
             while True:
                 data = channel.recv(65536)
@@ -92,6 +93,24 @@ class SshMachine:
         except (paramiko.SSHException, OSError) as err:
             raise SshError(f"`{cmd}` on {self.target} failed: {err}") from err
         return CommandResult(status, b"".join(chunks).decode(errors="replace"))
+
+    def _exec(self, cmd: str, deadline: Deadline) -> paramiko.Channel:
+        """A channel running ``cmd``. A channel the server closed before it took the exec request
+        (paramiko: "Channel closed." from exec_command) never ran the command: tried again."""
+        attempt = 1
+        while True:
+            channel = self._transport().open_session(timeout=deadline.remaining())
+            channel.set_combine_stderr(True)
+            channel.settimeout(max(deadline.remaining(), 0.1))
+            try:
+                channel.exec_command(cmd)
+                return channel
+            except paramiko.SSHException:
+                if not channel.closed or attempt >= EXEC_ATTEMPTS:
+                    raise
+            log.warning("%s closed a new channel before it ran `%s` (attempt %d of %d; a dropbear race, "
+                        "mkj/dropbear#173): again on a new channel", self.target, cmd, attempt, EXEC_ATTEMPTS)
+            attempt += 1
 
     def put(self, local: Path, remote: str, mode: int = 0o755) -> None:
         """Copy ``local`` to ``remote`` over SFTP."""

@@ -1,10 +1,14 @@
-"""SSH target URLs (--target), without a server."""
+"""SSH target URLs (--target) and the exec retry on a channel the server closed early, without a
+server (fake paramiko transport and channels)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import paramiko
 import pytest
 
-from harness.machine.ssh import SshTarget
+from harness.machine.ssh import EXEC_ATTEMPTS, SshError, SshMachine, SshTarget
 
 
 def test_target_urls():
@@ -13,3 +17,83 @@ def test_target_urls():
     for bad in ("http://host", "ssh://", "ssh://a@b@c", "ssh://host:port"):
         with pytest.raises(ValueError, match="expected ssh://user@host"):
             SshTarget.parse(bad)
+
+
+@dataclass
+class FakeChannel:
+    """``closes``: the server closes the channel before it takes the exec request (dropbear's
+    race); ``refuses``: it answers the request with a failure, the channel stays open."""
+    closes: bool = False
+    refuses: bool = False
+    closed: bool = False
+    ran: list[str] = field(default_factory=list)
+    output: list[bytes] = field(default_factory=lambda: [b"ok\n"])
+
+    def set_combine_stderr(self, combine: bool) -> None:
+        pass
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def exec_command(self, cmd: str) -> None:
+        if self.closes:
+            self.closed = True
+            raise paramiko.SSHException("Channel closed.")
+        if self.refuses:
+            raise paramiko.SSHException("Channel request failed")
+        self.ran.append(cmd)
+
+    def recv(self, size: int) -> bytes:
+        return self.output.pop(0) if self.output else b""
+
+    def recv_exit_status(self) -> int:
+        return 0
+
+
+@dataclass
+class FakeTransport:
+    channels: list[FakeChannel]
+    opened: int = 0
+
+    def is_active(self) -> bool:
+        return True
+
+    def open_session(self, timeout: float) -> FakeChannel:
+        self.opened += 1
+        return self.channels.pop(0)
+
+
+@dataclass
+class FakeClient:
+    transport: FakeTransport
+
+    def get_transport(self) -> FakeTransport:
+        return self.transport
+
+
+def connected(channels: list[FakeChannel]) -> tuple[SshMachine, FakeTransport]:
+    machine = SshMachine.__new__(SshMachine)  # no connection: the client is the fake
+    transport = FakeTransport(channels)
+    machine.target, machine._client = SshTarget("target.example"), FakeClient(transport)  # type: ignore[assignment]
+    return machine, transport
+
+
+def test_a_command_whose_channel_the_server_closed_first_runs_on_a_new_one():
+    good = FakeChannel()
+    machine, transport = connected([FakeChannel(closes=True), good])
+    assert machine.run("md5sum /tmp/payload", 10).output == "ok\n"
+    assert transport.opened == 2 and good.ran == ["md5sum /tmp/payload"]
+
+
+def test_the_retry_is_bounded():
+    machine, transport = connected([FakeChannel(closes=True) for _ in range(EXEC_ATTEMPTS + 1)])
+    with pytest.raises(SshError, match="Channel closed"):
+        machine.run("true", 10)
+    assert transport.opened == EXEC_ATTEMPTS
+
+
+def test_a_refused_request_is_not_sent_again():
+    machine, transport = connected([FakeChannel(refuses=True), FakeChannel()])
+    with pytest.raises(SshError, match="request failed"):
+        machine.run("true", 10)
+    assert transport.opened == 1
