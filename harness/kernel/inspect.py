@@ -8,6 +8,7 @@ import gzip
 import io
 import lzma
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,17 @@ def embedded_config(vmlinux: bytes, where: str) -> dict[str, str]:
 
 def symbol_names(vmlinux: Path) -> set[str] | None:
     """Names in the ELF symbol table, or None when the file has none (stripped)."""
+    table = _symbols(vmlinux)
+    return None if table is None else set(table)
+
+
+def symbol_addresses(vmlinux: Path, names: Iterable[str]) -> dict[str, int]:
+    """The addresses of those of ``names`` the ELF symbol table has (none when stripped)."""
+    table = _symbols(vmlinux) or {}
+    return {name: table[name] for name in names if name in table}
+
+
+def _symbols(vmlinux: Path) -> dict[str, int] | None:
     with open(vmlinux, "rb") as stream:
         try:
             elf = ELFFile(stream)
@@ -93,7 +105,7 @@ def symbol_names(vmlinux: Path) -> set[str] | None:
         table = elf.get_section_by_name(".symtab")
         if not isinstance(table, SymbolTableSection):
             return None
-        return {symbol.name for symbol in table.iter_symbols()}
+        return {symbol.name: symbol["st_value"] for symbol in table.iter_symbols()}
 
 
 def vmlinux_for(path: Path) -> Path | None:
