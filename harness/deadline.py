@@ -9,6 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+# The longest a blocking wait in the harness runs without returning to Python code. A signal's
+# Python handler (Ctrl-C's KeyboardInterrupt) runs only between bytecodes of the main thread: when
+# the signal arrives just before the main thread blocks on a lock or in select(), or the kernel
+# hands it to another thread, the main thread learns of it only when its wait returns. Waiting
+# in slices bounds how long a Ctrl-C is ignored (tests/unit/test_orphans.py sends one to another thread).
+WAIT_SLICE = 0.5
+
 
 @dataclass(frozen=True)
 class Deadline:
@@ -27,6 +34,11 @@ class Deadline:
     def remaining(self) -> float:
         """Seconds left, never negative."""
         return max(0.0, self.expires_at - time.monotonic())
+
+    def slice(self, longest: float = WAIT_SLICE) -> float:
+        """Seconds for one slice of a wait: the remaining time, at most ``longest``. Callers loop
+        until their condition holds or the deadline expires."""
+        return min(self.remaining(), longest)
 
     def expired(self) -> bool:
         return time.monotonic() >= self.expires_at

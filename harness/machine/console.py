@@ -283,7 +283,7 @@ class Console:
         with self._cond:
             while (silent := time.monotonic() - self._last_arrival) < period:
                 self._check_waiting(deadline, awaited)
-                self._cond.wait(min(period - silent, deadline.remaining()))
+                self._cond.wait(min(period - silent, deadline.slice()))
 
     def wait_ready(self, deadline: Deadline) -> str:
         """Wait for the initramfs shell's readiness marker; returns the guest's `uname -r`."""
@@ -392,7 +392,7 @@ class Console:
                         break
                     line_no, offset = line_no + 1, 0
                 self._check_waiting(deadline, awaited)
-                self._cond.wait(deadline.remaining())
+                self._cond.wait(deadline.slice())
 
     def _wait_shell(self, regex: re.Pattern[str], deadline: Deadline, awaited: str,
                     start: _Position | None = None) -> tuple[re.Match[str], _ShellText, _Position]:
@@ -412,7 +412,7 @@ class Console:
                             del shell.lines[shell.lines.index(pieces):]
                         return match, shell, _raw_position(pieces, match.start())
                 self._check_waiting(deadline, awaited)
-                self._cond.wait(deadline.remaining())
+                self._cond.wait(deadline.slice())
 
     def _check_waiting(self, deadline: Deadline, awaited: str) -> None:
         """Raise if a wait cannot go on: console closed or ended, or the deadline passed."""

@@ -54,13 +54,14 @@ class Qmp:
     def wait_event(self, name: str, deadline: Deadline) -> dict[str, Any]:
         """The next event called ``name`` (events before it are logged and dropped)."""
         while True:
-            remaining = deadline.remaining()
-            try:
-                event = self._qmp.pull_event(wait=remaining) if remaining > 0 else None
-            except TimeoutError:
-                event = None
-            if event is None:
+            if deadline.expired():
                 raise QmpError(f"no QMP event {name} within {deadline.seconds:.0f}s")
+            try:
+                event = self._qmp.pull_event(wait=deadline.slice())
+            except TimeoutError:
+                continue
+            if event is None:  # a slice of 0 s does not wait
+                continue
             log.debug("QMP event %s", event)
             if event.get("event") == name:
                 return dict(event)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import paramiko
 
-from harness.deadline import Deadline
+from harness.deadline import WAIT_SLICE, Deadline
 from harness.machine.base import MachineError
 from harness.machine.console import CommandResult
 
@@ -82,12 +82,13 @@ class SshMachine:
         try:
             channel = self._exec(cmd, deadline)
             chunks = []
-            while True:
-                data = channel.recv(65536)
-                if not data:
-                    break
+            while data := _recv(channel, deadline):
                 chunks.append(data)
-            status = channel.recv_exit_status()
+            # Not recv_exit_status(): it waits with no end.
+            while not channel.status_event.wait(deadline.slice()):
+                if deadline.expired():
+                    raise TimeoutError
+            status = channel.exit_status
         except TimeoutError as err:
             raise SshError(f"`{cmd}` on {self.target} did not finish within {timeout:.0f}s") from err
         except (paramiko.SSHException, OSError) as err:
@@ -101,7 +102,7 @@ class SshMachine:
         while True:
             channel = self._transport().open_session(timeout=deadline.remaining())
             channel.set_combine_stderr(True)
-            channel.settimeout(max(deadline.remaining(), 0.1))
+            channel.settimeout(WAIT_SLICE)  # recv() returns to Python code each slice (see _recv)
             try:
                 channel.exec_command(cmd)
                 return channel
@@ -139,3 +140,14 @@ class SshMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _recv(channel: paramiko.Channel, deadline: Deadline) -> bytes:
+    """The next output of ``channel`` (b"" at its end); waits in slices (deadline.WAIT_SLICE)
+    until ``deadline``, then raises TimeoutError."""
+    while True:
+        try:
+            return channel.recv(65536)
+        except TimeoutError:
+            if deadline.expired():
+                raise

@@ -10,6 +10,7 @@ caller's try: the machine layer's exit handler must still stop the machine.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import signal
 import sys
@@ -23,6 +24,7 @@ def main(run_dir: Path, kernel: Path, initrd: Path, with_finally: bool) -> int:
     # As in a terminal: Ctrl-C raises KeyboardInterrupt. A background job of a non-interactive
     # shell inherits SIGINT ignored, and Python then installs no handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks where a stuck child is
     images = Images(kernel, initrd, None, "orphan test kernel")
     machine = start_machine(images, QemuConfig(cpus=1, memory="256M"), run_dir)
     print(json.dumps({"qemu_pid": machine._proc.pid if machine._proc else None}), flush=True)

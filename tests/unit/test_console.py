@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.deadline import Deadline
+from harness.deadline import WAIT_SLICE, Deadline
 from harness.machine import console as console_module
 from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleTimeout, command_output
 
@@ -408,8 +408,9 @@ def test_deadline() -> None:
     assert 9 < deadline.remaining() <= 10 and not deadline.expired()
     assert deadline.within(1).remaining() <= 1
     assert deadline.within(100) is deadline
+    assert deadline.slice() == WAIT_SLICE and deadline.slice(20) <= 10
     past = Deadline.after(0)
-    assert past.expired() and past.remaining() == 0
+    assert past.expired() and past.remaining() == 0 and past.slice() == 0
     with pytest.raises(ValueError):
         Deadline.after(-1)
 

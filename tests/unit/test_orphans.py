@@ -113,6 +113,19 @@ class Harness:
     run_dir: Path
     qemu: Qemu
 
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait for the child to end; if it does not, have it print its threads' stacks to its
+        stderr (orphan_child registers faulthandler on SIGUSR1), then kill it. True if it ended."""
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)  # faulthandler writes from the signal handler at once
+            self.proc.kill()
+            self.proc.wait(10)
+            return False
+
 
 def read_line(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
     assert proc.stdout is not None
@@ -171,8 +184,25 @@ def test_ctrl_c_stops_qemu_and_cleans_up(harness: Harness):
     the caller's try (before_try), in the machine layer's exit handler: QEMU ends, the socket
     directory goes, and the run directory keeps the logs."""
     os.killpg(harness.proc.pid, signal.SIGINT)  # what the terminal sends to the foreground job
-    harness.proc.wait(GONE_TIMEOUT)
+    assert_interrupted_cleanly(harness)
+
+
+def test_ctrl_c_taken_by_another_thread_still_interrupts_the_wait(harness: Harness):
+    """The kernel may hand a process's SIGINT to any of its threads (here: the console reader's
+    or the module server's); and a SIGINT that arrives just before the main thread blocks is
+    handled before the wait begins. Either way only the main thread's next bytecode raises
+    KeyboardInterrupt: its wait must come back to Python code in slices (deadline.WAIT_SLICE),
+    not sleep on to the end of its 3600 s (CI, stop 15: the child still ran 15 s after Ctrl-C)."""
+    others = [int(tid) for tid in os.listdir(f"/proc/{harness.proc.pid}/task") if int(tid) != harness.proc.pid]
+    assert others, "the child harness has no thread besides its main thread"
+    os.kill(others[0], signal.SIGINT)  # kill() names the process; the thread named is the one tried first
+    assert_interrupted_cleanly(harness)
+
+
+def assert_interrupted_cleanly(harness: Harness) -> None:
+    exited = harness.wait_exit(GONE_TIMEOUT)
     stderr = harness.proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert exited, f"the interrupted child still ran after {GONE_TIMEOUT:.0f}s; its threads then:\n{stderr[-6000:]}"
     assert "KeyboardInterrupt" in stderr, stderr[-2000:]
     assert harness.qemu.wait_gone(GONE_TIMEOUT), f"QEMU {harness.qemu.alive()} outlived an interrupted harness"
     sock_dir = harness.qemu.sock_dir

@@ -3,6 +3,8 @@ server (fake paramiko transport and channels)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 import paramiko
@@ -28,6 +30,9 @@ class FakeChannel:
     closed: bool = False
     ran: list[str] = field(default_factory=list)
     output: list[bytes] = field(default_factory=lambda: [b"ok\n"])
+    silent: bool = False  # the command never ends: no output
+    no_status: bool = False  # its output ends, its exit status never comes
+
 
     def set_combine_stderr(self, combine: bool) -> None:
         pass
@@ -44,10 +49,19 @@ class FakeChannel:
         self.ran.append(cmd)
 
     def recv(self, size: int) -> bytes:
+        if self.silent:
+            time.sleep(0.01)  # a slice of paramiko's channel timeout
+            raise TimeoutError
         return self.output.pop(0) if self.output else b""
 
-    def recv_exit_status(self) -> int:
-        return 0
+    @property
+    def status_event(self) -> threading.Event:
+        done = threading.Event()
+        if not (self.silent or self.no_status):
+            done.set()
+        return done
+
+    exit_status = 0
 
 
 @dataclass
@@ -97,3 +111,14 @@ def test_a_refused_request_is_not_sent_again():
     with pytest.raises(SshError, match="request failed"):
         machine.run("true", 10)
     assert transport.opened == 1
+
+
+@pytest.mark.parametrize("channel", [FakeChannel(silent=True), FakeChannel(no_status=True)],
+                         ids=["no_output", "no_exit_status"])
+def test_a_command_that_never_ends_times_out(channel: FakeChannel):
+    """Output and exit status are awaited in slices; the command's own deadline ends the wait."""
+    machine, _ = connected([channel])
+    started = time.monotonic()
+    with pytest.raises(SshError, match="did not finish within"):
+        machine.run("sleep 1000", timeout=0.3)
+    assert time.monotonic() - started >= 0.3
