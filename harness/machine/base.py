@@ -8,14 +8,15 @@ import atexit
 import enum
 import logging
 import re
+import subprocess
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from harness.deadline import Deadline
-from harness.machine.console import CommandResult, Console, ConsoleError, ConsoleTimeout
+from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,9 +86,15 @@ class Machine(abc.ABC):
     # its console is connected, and _broken when a failure leaves the machine unusable.
     _console: Console | None
     _broken: BaseException | None
+    # The emulator's process (set by start()), its name for messages, its exit code once ended.
+    _proc: subprocess.Popen[bytes] | None
+    emulator: ClassVar[str]
+    exitcode: int | None
 
     def _track(self) -> None:
-        """Called first in start(): from here on, interpreter exit stops this machine."""
+        """Called first in start(): a machine starts once; from here on, interpreter exit stops it."""
+        if self.state is not RunState.NEW:
+            raise MachineBroken(f"machine already {self.state.value}")
         _started[:] = [ref for ref in _started if ref() is not None]
         _started.append(weakref.ref(self))
 
@@ -150,9 +157,28 @@ class Machine(abc.ABC):
         firmware reloads it); returns the new kernel's release once its shell is ready."""
         raise NotImplementedError(f"{type(self).__name__} cannot reboot")
 
-    @abc.abstractmethod
     def power_off(self, timeout: float) -> int | None:
-        """Power the guest off; returns the emulator's exit code."""
+        """``poweroff -f`` in the guest; kills the emulator if it has not ended after ``timeout``.
+        Returns the emulator's exit code (as wait_exit())."""
+        console = self._require_running()
+        try:
+            console.run("poweroff -f", timeout)
+        except ConsoleClosed:
+            pass  # expected: the emulator exits and closes the console mid-command
+        except ConsoleTimeout:
+            log.warning("guest did not power off within %.0fs", timeout)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for the emulator to end by itself (power-off; a panic with
+        panic=-1), else kill it; then stop(). Returns the exit code stop() recorded."""
+        assert self._proc is not None, "wait_exit() before start()"
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not exit within %.0fs: killing it", self.emulator, timeout)
+        self.stop()
+        return self.exitcode
 
     @abc.abstractmethod
     def stop(self) -> None:

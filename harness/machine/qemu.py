@@ -13,17 +13,16 @@ import logging
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import ClassVar, TextIO
 
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, MachineError, RunState
-from harness.machine.console import Console, ConsoleClosed, ConsoleTimeout
+from harness.machine.console import Console
+from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, console_listener, end_process_group
 from harness.machine.qmp import Qmp
 from harness.machine.sockdir import socket_dir
 from harness.seam.module import TdxModule
@@ -33,7 +32,6 @@ from harness.transport.server import SeamServer
 log = logging.getLogger("harness.machine.qemu")
 
 CONNECT_TIMEOUT = 30.0
-LOOPBACK = "127.0.0.1"
 SAVE_TIMEOUT = 120.0
 # The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
 # module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
@@ -169,11 +167,6 @@ def qemu_command(config: QemuConfig, boot: Boot, console_port: int, seam_sock: P
     ]
 
 
-# QEMU gets SIGKILL when the harness dies, even by SIGKILL (util-linux setpriv sets the
-# parent-death signal and execs QEMU; a Python preexec_fn is unsafe with the server threads).
-DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]
-
-
 @dataclass
 class QemuMachine(Machine):
     config: QemuConfig
@@ -182,6 +175,7 @@ class QemuMachine(Machine):
     run_dir: Path
     state: RunState = RunState.NEW
     command: list[str] = field(default_factory=list)
+    emulator: ClassVar[str] = "QEMU"
     exitcode: int | None = None
     serve_module: bool = True
     incoming: Path | None = None  # a saved machine state to resume instead of booting
@@ -200,13 +194,11 @@ class QemuMachine(Machine):
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.state is not RunState.NEW:
-            raise MachineBroken(f"machine already {self.state.value}")
         self._track()
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         self._sock_dir = socket_dir()
         seam_path = self._sock_dir / "seam"
-        listener = socket.create_server((LOOPBACK, 0))
+        listener = console_listener()
         try:  # every failure below goes through stop(): sockets, trace file, process group
             if shutil.which(self.config.qemu) is None:
                 raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)",
@@ -225,7 +217,8 @@ class QemuMachine(Machine):
                 self._proc = subprocess.Popen(DIE_WITH_PARENT + self.command, stdin=subprocess.DEVNULL, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True)
             self.state = RunState.RUNNING
-            sock = self._accept(listener, Deadline.after(CONNECT_TIMEOUT))
+            sock = accept_console(listener, self._proc, Deadline.after(CONNECT_TIMEOUT), self.emulator, self.command,
+                                  self._qemu_output)
             self._console = Console(sock, self.console_log)
         except BaseException as err:
             self._broken = err
@@ -233,21 +226,6 @@ class QemuMachine(Machine):
             raise
         finally:
             listener.close()
-
-    def _accept(self, listener: socket.socket, deadline: Deadline) -> socket.socket:
-        listener.settimeout(0.2)
-        while not deadline.expired():
-            try:
-                sock, _ = listener.accept()
-                sock.setblocking(True)
-                return sock
-            except TimeoutError:
-                assert self._proc is not None
-                if self._proc.poll() is not None:
-                    raise LaunchError("QEMU exited before connecting its console", shlex.join(self.command),
-                                      self._proc.returncode, self._qemu_output()) from None
-        raise LaunchError(f"QEMU did not connect its console within {deadline.seconds:.0f}s",
-                          shlex.join(self.command), None, self._qemu_output())
 
     def _qemu_output(self) -> str:
         try:
@@ -341,26 +319,6 @@ class QemuMachine(Machine):
             self._qmp = Qmp(self._sock_dir / "qmp", Deadline.after(timeout))
         return self._qmp
 
-    def power_off(self, timeout: float = 30.0) -> int | None:
-        """``poweroff -f`` in the guest; falls back to killing QEMU after ``timeout``."""
-        console = self._require_running()
-        try:
-            console.run("poweroff -f", timeout)
-        except ConsoleClosed:
-            pass  # expected: QEMU exits and closes the console mid-command
-        except ConsoleTimeout:
-            log.warning("guest did not power off within %.0fs", timeout)
-        return self.wait_exit(timeout)
-
-    def wait_exit(self, timeout: float) -> int | None:
-        assert self._proc is not None
-        try:
-            self.exitcode = self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("QEMU did not exit within %.0fs: killing it", timeout)
-        self.stop()
-        return self.exitcode
-
     def stop(self) -> None:
         try:
             if self._qmp is not None:
@@ -376,18 +334,8 @@ class QemuMachine(Machine):
             # Even when a close above raised or a second Ctrl-C landed in it: QEMU must not run
             # on until the harness exits, and its sockets' directory must go.
             try:
-                proc = self._proc
-                if proc is not None and proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                        proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait(timeout=10)
-                    except ProcessLookupError:
-                        pass
-                if proc is not None:
-                    self.exitcode = proc.returncode
+                if self._proc is not None:
+                    self.exitcode = end_process_group(self._proc)
             finally:
                 if self._sock_dir is not None:
                     shutil.rmtree(self._sock_dir, ignore_errors=True)

@@ -337,13 +337,19 @@ def mng_addcx(module: TdxModule, call: _Call) -> int:
         return status
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
-    if len(td.tdcx) >= module.platform.tdcs_pages:
+    return _add_control_page(module, call, td, td.tdcx, module.platform.tdcs_pages)
+
+
+def _add_control_page(module: TdxModule, call: _Call, td: Td, pages: list[int], limit: int) -> int:
+    """TDH.MNG.ADDCX / TDH.VP.ADDCX: the page in RCX becomes the next of ``pages`` (the TD's or
+    a vCPU's control structure pages, at most ``limit``), a PT_TDCX page of ``td``."""
+    if len(pages) >= limit:
         return Status.TDX_TDCX_NUM_INCORRECT
     page = call.reg("rcx")
     status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
     if status:
         return status
-    td.tdcx.append(page)
+    pages.append(page)
     _take_page(module, td, page, PageType.PT_TDCX)
     return 0
 
@@ -418,15 +424,7 @@ def vp_addcx(module: TdxModule, call: _Call) -> int:
         return status
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
-    if len(vcpu.tdcx) >= module.platform.tdcx_pages:
-        return Status.TDX_TDCX_NUM_INCORRECT
-    page = call.reg("rcx")
-    status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
-    if status:
-        return status
-    vcpu.tdcx.append(page)
-    _take_page(module, td, page, PageType.PT_TDCX)
-    return 0
+    return _add_control_page(module, call, td, vcpu.tdcx, module.platform.tdcx_pages)
 
 
 def vp_init(module: TdxModule, call: _Call) -> int:
