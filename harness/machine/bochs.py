@@ -42,7 +42,7 @@ from harness.images.iso import IsoError, IsoRequest, build_iso
 from harness.machine.base import Boot, LaunchError, Machine, RunState
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, bochs_env, fetch_bochs
 from harness.machine.console import Console
-from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, console_listener, end_process_group
+from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, end_process_group, loopback_listener
 from harness.machine.qemu import parse_size
 from harness.machine.sockdir import socket_dir
 from harness.seam.faults import FaultPlan
@@ -322,7 +322,7 @@ class _ModuleBridge:
 
     def __init__(self, server_path: Path) -> None:
         self.server_path = server_path
-        self.listener = console_listener()
+        self.listener = loopback_listener()
         self.listener.settimeout(0.2)
         self.port: int = self.listener.getsockname()[1]
         self._stop = threading.Event()
@@ -401,7 +401,7 @@ class BochsMachine(Machine):
         self._track()
         for stale in (self.console_log, self.bochs_log, self.terminal_log):
             stale.unlink(missing_ok=True)  # these append: start each machine afresh
-        listener = console_listener()
+        listener = loopback_listener()
         try:  # every failure below goes through stop(): sockets, trace file, process group
             install = self._install()
             iso = self._boot_image()

@@ -24,8 +24,9 @@ KILL_TIMEOUT = 10.0
 ACCEPT_POLL = 0.2  # how often the console wait looks whether the emulator is still there
 
 
-def console_listener() -> socket.socket:
-    """A listening socket on a free loopback port, for the emulator's console to connect to."""
+def loopback_listener() -> socket.socket:
+    """A listening socket on a free loopback port, for an emulator's serial port to connect to
+    (the console; Bochs's COM2 bridge)."""
     return socket.create_server((LOOPBACK, 0))
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar, TextIO
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, MachineError, RunState
 from harness.machine.console import Console
-from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, console_listener, end_process_group
+from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, end_process_group, loopback_listener
 from harness.machine.qmp import Qmp
 from harness.machine.sockdir import socket_dir
 from harness.seam.module import TdxModule
@@ -198,7 +198,7 @@ class QemuMachine(Machine):
         self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
         self._sock_dir = socket_dir()
         seam_path = self._sock_dir / "seam"
-        listener = console_listener()
+        listener = loopback_listener()
         try:  # every failure below goes through stop(): sockets, trace file, process group
             if shutil.which(self.config.qemu) is None:
                 raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)",

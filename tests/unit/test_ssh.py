@@ -33,7 +33,6 @@ class FakeChannel:
     silent: bool = False  # the command never ends: no output
     no_status: bool = False  # its output ends, its exit status never comes
 
-
     def set_combine_stderr(self, combine: bool) -> None:
         pass
 
