@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from harness import paths
+from harness.coverage.collect import ScenarioCoverage
+from harness.coverage.objects import COVERAGE_ENV, CoverageBuildError
+from harness.coverage.report import ReportError, format_table, read_summary, write_report
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
 from harness.launch import (
@@ -56,6 +59,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where each scenario's logs and trace go [TDXH_ARTIFACTS]")
     group.addoption("--keep-artifacts", action="store_true", default=bool(os.environ.get("TDXH_KEEP_ARTIFACTS")),
                     help="keep logs of passing scenarios too [TDXH_KEEP_ARTIFACTS]")
+    group.addoption("--coverage", type=Path, default=os.environ.get(COVERAGE_ENV), metavar="DIR",
+                    help="boot the coverage kernel (gcov in the TDX host objects), copy each scenario's counters "
+                         "into DIR and write the report there at the end [TDXH_COVERAGE]")
+    group.addoption("--coverage-no-report", action="store_true",
+                    help="with --coverage: collect the counters only (tdxh coverage DIR reports)")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -85,9 +93,59 @@ def images(request: pytest.FixtureRequest) -> Images:
     problem = image_options_problem(kernel, tree, initramfs)
     if problem:
         raise pytest.UsageError(problem)
-    found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree, initramfs=initramfs)
+    coverage = opt("--coverage")
+    try:
+        found = prepare_images(paths.cache_dir(), kernel=kernel, kernel_tree=tree, initramfs=initramfs,
+                               coverage=coverage is not None)
+        if found.coverage is not None:
+            found.coverage.claim(coverage)
+    except CoverageBuildError as err:
+        raise pytest.UsageError(str(err)) from err
     request.config.stash[_IMAGES] = found
     return found
+
+
+@pytest.fixture
+def scenario_coverage(request: pytest.FixtureRequest, images: Images) -> ScenarioCoverage | None:
+    """With --coverage: the collector of this scenario's counters (machines attach to it)."""
+    if images.coverage is None:
+        return None
+    root = request.config.getoption("--coverage").resolve()
+    nodeid = request.node.nodeid
+    return ScenarioCoverage(root, paths.artifact_name(nodeid), images.coverage, label=nodeid)
+
+
+def _stop_all(machines: Sequence[Machine], coverage: ScenarioCoverage | None) -> None:
+    """The scenario's end: each machine's counters first (while its kernel answers), then stop it."""
+    for machine in machines:
+        try:
+            if coverage is not None:
+                coverage.finish(machine)
+        finally:
+            machine.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --coverage: merge every scenario's counters into the report (the controller of a
+    parallel run does it once, after its workers)."""
+    config = session.config
+    root = config.getoption("--coverage")
+    if root is None or config.getoption("--coverage-no-report") or hasattr(config, "workerinput"):
+        return
+    if not (root / "raw").is_dir():
+        return  # no scenario booted (e.g. only unit tests were selected)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    try:
+        report = write_report(root)
+        text = format_table(read_summary(report.summary))
+    except (ReportError, CoverageBuildError) as err:
+        text = f"coverage: no report: {err}"
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("=", "TDX host code coverage")
+        reporter.write_line(text)
+        reporter.write_line(f"report: {root / 'html' / 'index.html'} (also {root / 'coverage-summary.json'}, "
+                            f"coverage.lcov, lines-by-scenario.json, blind-spots.json)")
 
 
 _IMAGES = pytest.StashKey[Images]()
@@ -140,7 +198,7 @@ def saved_machines() -> dict[str, SavedMachine]:
 
 @pytest.fixture
 def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine],
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootFactory]:
+         tmp_path_factory: pytest.TempPathFactory, scenario_coverage: ScenarioCoverage | None) -> Iterator[BootFactory]:
     """``boot(config=QemuConfig(), platform=None, faults=None, append="", ready=True, reuse=False)``:
     a started machine, ready for commands unless ready=False; every machine is stopped at
     teardown. ``reuse``: resume a saved machine of the same configuration (the boot's console is
@@ -162,6 +220,8 @@ def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine
         machine = start_machine(images, config, run_dir, platform=platform, faults=faults, append=append,
                                 serve_module=serve_module, saved=saved)
         machines.append(machine)
+        if scenario_coverage is not None:
+            scenario_coverage.attach(machine, run_dir.name)
         if saved is not None:
             machine.resume_saved(BOOT_TIMEOUT)
         elif ready:
@@ -171,8 +231,7 @@ def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine
         return machine
 
     yield start
-    for machine in machines:
-        machine.stop()
+    _stop_all(machines, scenario_coverage)
 
 
 @pytest.fixture(scope="session")
@@ -191,23 +250,26 @@ BochsBoot = Callable[..., BochsMachine]
 
 
 @pytest.fixture
-def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall) -> Iterator[BochsBoot]:
+def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall,
+               scenario_coverage: ScenarioCoverage | None) -> Iterator[BochsBoot]:
     """``bochs_boot(config=BochsConfig(), platform=None, faults=None, append="", ready=True)``:
     a started Bochs machine, ready for commands unless ready=False; stopped at teardown."""
     machines: list[BochsMachine] = []
 
     def start(config: BochsConfig | None = None, platform: PlatformConfig | None = None,
               faults: FaultPlan | None = None, append: str = "", ready: bool = True) -> BochsMachine:
-        machine = start_bochs_machine(images, config or BochsConfig(), artifacts / f"machine{len(machines)}",
+        run_dir = artifacts / f"machine{len(machines)}"
+        machine = start_bochs_machine(images, config or BochsConfig(), run_dir,
                                       platform=platform, faults=faults, append=append, install=bochs_install)
         machines.append(machine)
+        if scenario_coverage is not None:
+            scenario_coverage.attach(machine, run_dir.name)
         if ready:
             machine.wait_ready(BOCHS_BOOT_TIMEOUT)
         return machine
 
     yield start
-    for machine in machines:
-        machine.stop()
+    _stop_all(machines, scenario_coverage)
 
 
 VmxBoot = Callable[..., Machine]

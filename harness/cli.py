@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness.coverage import report as coverage_report
+from harness.coverage.objects import CoverageBuildError
 from harness.observe import pamt
 from harness.seam.trace import format_record, read_trace
 
@@ -60,6 +62,35 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    try:
+        summary = directory / coverage_report.SUMMARY
+        if args.merge or not summary.exists() or _newer_counters(directory, summary):
+            coverage_report.write_report(directory)
+        rows = coverage_report.read_summary(summary)
+        print(coverage_report.format_table(rows))
+        if args.compare is not None:
+            print("\n" + coverage_report.comparison_text(rows, args.compare))
+        if args.unreached:
+            print(f"\nlargest functions no scenario entered (up to {args.unreached} a file; lines with code):")
+            for name, functions in coverage_report.unreached_functions(directory / coverage_report.MERGED,
+                                                                       args.unreached).items():
+                print(f"  {name}: " + (", ".join(f"{f} ({n})" for f, n in functions) or "none"))
+        spots = json.loads((directory / coverage_report.BLIND_SPOTS).read_text())
+        print("\n" + coverage_report.format_blind_spots(spots))
+    except (coverage_report.ReportError, CoverageBuildError) as err:
+        print(f"coverage: {err}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {directory / coverage_report.HTML}", file=sys.stderr)
+    return 0
+
+
+def _newer_counters(directory: Path, summary: Path) -> bool:
+    events = list((directory / "raw").glob("*/events.json"))
+    return any(e.stat().st_mtime > summary.stat().st_mtime for e in events)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdxh", description="Test harness for the Linux TDX host code.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -76,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trace", help="print a SEAMCALL trace (JSON lines) readably")
     p.add_argument("file")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("coverage", help="the coverage of the TDX host code a --coverage run measured: a table per file")
+    p.add_argument("dir", type=Path, help="the --coverage DIR of a pytest run, or OUT/coverage of a nightly")
+    p.add_argument("--compare", type=Path, metavar="OLD/coverage-summary.json",
+                   help="per-file changes against an earlier summary (drops first)")
+    p.add_argument("--unreached", type=int, default=0, metavar="N", help="the N largest unreached functions a file")
+    p.add_argument("--merge", action="store_true", help="merge the counters again even if the report looks current")
+    p.set_defaults(func=cmd_coverage)
 
     from harness import commands  # the subcommands that build and boot
     commands.add_subcommands(sub)

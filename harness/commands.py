@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 from harness import nightly, paths, report
+from harness.coverage import report as coverage_report
+from harness.coverage.collect import ScenarioCoverage
+from harness.coverage.objects import COVERAGE_ENV, CoverageBuildError
 from harness.images.initramfs import SSH_PACKAGES
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.kernel.build import BuildError
@@ -63,8 +66,9 @@ def machine_config(args: argparse.Namespace) -> QemuConfig:
                       qemu=args.qemu)
 
 
-def images_from(args: argparse.Namespace) -> Images:
-    return prepare_images(args.cache or paths.cache_dir(), kernel=args.kernel, kernel_tree=args.kernel_tree)
+def images_from(args: argparse.Namespace, coverage: bool = False) -> Images:
+    return prepare_images(args.cache or paths.cache_dir(), kernel=args.kernel, kernel_tree=args.kernel_tree,
+                          coverage=coverage)
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -91,28 +95,36 @@ def _installed(package: str) -> bool:
 
 def cmd_build(args: argparse.Namespace) -> int:
     try:
-        images = images_from(args)
-    except SETUP_ERRORS as err:
+        images = images_from(args, coverage=getattr(args, "coverage", False))
+    except (*SETUP_ERRORS, CoverageBuildError) as err:
         print(f"tdxh {args.subcommand}: {err}", file=sys.stderr)
         return 1
     print(f"kernel:    {images.kernel}\ninitramfs: {images.initrd}\nidentity:  {images.identity}")
+    if images.coverage is not None:
+        print(f"gcov notes: {images.coverage.build_dir} (sources: {images.coverage.source_tree})")
     return 0
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
     try:
-        images = images_from(args)
+        images = images_from(args, coverage=args.coverage is not None)
         config = machine_config(args)
         faults = FaultPlan.load(args.faults) if args.faults else FaultPlan()
-    except SETUP_ERRORS as err:
+        if images.coverage is not None:
+            images.coverage.claim(args.coverage)
+    except (*SETUP_ERRORS, CoverageBuildError) as err:
         print(f"tdxh boot: {err}", file=sys.stderr)
         return 1
-    run_dir = args.run_dir or Path(paths.cache_dir()) / "runs" / time.strftime("boot-%Y%m%d-%H%M%S")
+    name = time.strftime("boot-%Y%m%d-%H%M%S")
+    run_dir = args.run_dir or Path(paths.cache_dir()) / "runs" / name
     platform = PlatformConfig(module_present=not args.no_module)
     log.info("run directory: %s", run_dir)
     machine = None
+    coverage = ScenarioCoverage(args.coverage, name, images.coverage) if images.coverage is not None else None
     try:
         machine = start_machine(images, config, run_dir, platform=platform, faults=faults, append=args.append)
+        if coverage is not None:
+            coverage.attach(machine, "machine0")
         log.info("booting (console log: %s)", machine.console_log)
         release = machine.wait_ready(args.timeout)
         log.info("guest %s is up", release)
@@ -132,12 +144,31 @@ def cmd_boot(args: argparse.Namespace) -> int:
         status = 1
     finally:
         if machine is not None:
+            if coverage is not None:  # after a power-off its counters are in already
+                coverage.finish(machine)
             machine.stop()
     trace = run_dir / "seamcalls.jsonl"
     if args.trace and args.trace.resolve() != trace.resolve():
         shutil.copy(trace, args.trace)
     log.info("SEAMCALL trace: %s (print it with `tdxh trace FILE`)", args.trace or trace)
+    if coverage is not None:
+        print_coverage(args.coverage)
     return status
+
+
+def print_coverage(directory: Path, compare_with: Path | None = None) -> bool:
+    """Merge DIR's counters and print the per-file table (and deltas); False if that failed."""
+    try:
+        written = coverage_report.write_report(directory)
+        rows = coverage_report.read_summary(written.summary)
+        print(coverage_report.format_table(rows))
+        if compare_with is not None:
+            print("\n" + coverage_report.comparison_text(rows, compare_with))
+    except (coverage_report.ReportError, CoverageBuildError) as err:
+        print(f"coverage: no report: {err}", file=sys.stderr)
+        return False
+    print(f"coverage report: {directory / coverage_report.HTML}", file=sys.stderr)
+    return True
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -171,23 +202,33 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"tdxh nightly: {out} is not empty: give a new --out (nothing was overwritten)", file=sys.stderr)
         return 2
+    if args.coverage_compare is not None and not args.coverage_compare.is_file():
+        print(f"tdxh nightly: --coverage-compare {args.coverage_compare}: no such file", file=sys.stderr)
+        return 2
     if args.cache:
         os.environ["TDXH_CACHE"] = str(args.cache)  # the scenarios' own pytest runs use it too
+    # Each scenario's pytest gets --coverage explicitly (or not): never from the environment.
+    os.environ.pop(COVERAGE_ENV, None)
+    coverage = out / nightly.COVERAGE_DIR if args.coverage else None
     try:
         log.info("building (or finding) the kernel and initramfs once for every scenario")
-        images = images_from(args)
+        images = images_from(args, coverage=coverage is not None)
         tests = nightly.plan(args.pytest_args, unit=not args.no_unit)
         out.mkdir(parents=True, exist_ok=True)
+        if images.coverage is not None and coverage is not None:
+            images.coverage.claim(coverage)
         print(f"tdxh nightly: {len(tests)} tests ({'unit tests + ' if not args.no_unit else ''}"
               f"{len(tests) - (0 if args.no_unit else 1)} scenarios) on {images.identity}; results in {out}",
               file=sys.stderr)
-        status, job_dir = nightly.run_job(tests, images, out)
-    except (*SETUP_ERRORS, nightly.NightlyError) as err:
+        status, job_dir = nightly.run_job(tests, images, out, coverage)
+    except (*SETUP_ERRORS, nightly.NightlyError, CoverageBuildError) as err:
         print(f"tdxh nightly: {err}", file=sys.stderr)
         return 2
+    if coverage is not None and not print_coverage(coverage, args.coverage_compare):
+        status = status or 1
     results = report.load_results(job_dir, out, {t.nodeid: out / t.junit for t in tests})
     page = report.write_report(results, out, f"tdx-harness nightly {time.strftime('%Y-%m-%d %H:%M')}: "
-                                             f"{images.identity}")
+                                             f"{images.identity}", coverage, args.coverage_compare)
     failed = [r for r in results if r.status not in ("PASS", "SKIP")]
     for result in failed:
         print(f"{result.status} {result.nodeid}: {result.failure}")
@@ -202,6 +243,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = sub.add_parser("build", help="build the kernel (with the shim) and the initramfs")
     add_kernel_opts(p)
+    p.add_argument("--coverage", action="store_true", help="the coverage variant (gcov in the TDX host objects)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("boot", help="boot with the software module attached and run a command")
@@ -213,12 +255,19 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-module", action="store_true", help="platform with TDX KeyIDs but no module loaded")
     p.add_argument("--run-dir", type=Path, help="where logs go (default under the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for boot and for the command")
+    p.add_argument("--coverage", type=Path, metavar="DIR",
+                   help="boot the coverage kernel; its counters go to DIR at power-off, then the report")
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("nightly", help="every scenario as an avocado job: per-scenario results, JUnit, HTML report")
     add_kernel_opts(p)
     p.add_argument("--out", type=Path, help="result directory, new or empty (default under the cache)")
     p.add_argument("--no-unit", action="store_true", help="scenarios only (the unit tests are one more test)")
+    p.add_argument("--coverage", action="store_true",
+                   help="boot the coverage kernel; every scenario's counters merged into OUT/coverage, linked from "
+                        "report.html")
+    p.add_argument("--coverage-compare", type=Path, metavar="OLD/coverage-summary.json",
+                   help="with --coverage: per-file changes against an earlier run's summary (drops first)")
     p.add_argument("pytest_args", nargs="*", help="pytest selection for the scenarios (after --), e.g. -- -k kexec")
     p.set_defaults(func=cmd_nightly)
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import paths
+from harness.coverage.objects import CoverageBuild
 from harness.images.agent import build_guest_programs
 from harness.images.initramfs import (
     GUEST_KERNEL,
@@ -21,7 +23,7 @@ from harness.images.initramfs import (
     InitramfsRequest,
     build_initramfs,
 )
-from harness.kernel.build import BuildRequest, build, patch_series
+from harness.kernel.build import BuildRequest, build, fragments, patch_series
 from harness.kernel.inspect import check_kernel
 from harness.kernel.source import debian_source, user_tree
 from harness.lock import file_lock
@@ -43,19 +45,23 @@ class Images:
     initrd: Path
     modules: Path | None
     identity: str  # kernel build key or the image path, for reports
+    coverage: CoverageBuild | None = None  # a coverage kernel: where its .gcno notes are
 
 
 def prepare_images(cache: Path, kernel: Path | None = None, kernel_tree: Path | None = None,
-                   extra_patches: Sequence[Path] = (), initramfs: Path | None = None) -> Images:
+                   extra_patches: Sequence[Path] = (), initramfs: Path | None = None,
+                   coverage: bool = False) -> Images:
     """A prebuilt ``kernel`` (checked first; with ``initramfs``, that one is booted as it is),
     a developer's ``kernel_tree``, or Debian's source.
     ``extra_patches`` go on top of the shim series; such a variant builds in its own directory
-    under the cache (same layout, so ccache still hits) and leaves the plain build alone."""
+    under the cache (same layout, so ccache still hits) and leaves the plain build alone.
+    ``coverage``: the coverage variant (images/kernel/coverage: gcov counters in the TDX host
+    objects), built beside the default one; a prebuilt ``kernel`` must be such a build."""
     problem = image_options_problem(kernel, kernel_tree, initramfs)
     if problem:
         raise ValueError(problem)
     with file_lock(cache / "images.lock", "building the kernel and initramfs", BUILD_LOCK_TIMEOUT):
-        return _prepare_images(cache, kernel, kernel_tree, extra_patches, initramfs)
+        return _prepare_images(cache, kernel, kernel_tree, extra_patches, initramfs, coverage)
 
 
 def image_options_problem(kernel: Path | None, kernel_tree: Path | None, initramfs: Path | None) -> str | None:
@@ -70,18 +76,21 @@ def image_options_problem(kernel: Path | None, kernel_tree: Path | None, initram
 
 
 def _prepare_images(cache: Path, kernel: Path | None, kernel_tree: Path | None,
-                    extra_patches: Sequence[Path], initramfs: Path | None) -> Images:
+                    extra_patches: Sequence[Path], initramfs: Path | None, coverage: bool) -> Images:
     if kernel is not None:
         check_kernel(kernel)
-        return Images(kernel, initramfs or _initramfs(cache, kernel, None), None, str(kernel))
+        notes = CoverageBuild.for_kernel(kernel) if coverage else None
+        return Images(kernel, initramfs or _initramfs(cache, kernel, None), None, str(kernel), notes)
     source = user_tree(kernel_tree) if kernel_tree is not None else debian_source(cache)
     request = BuildRequest(source=source, cache=cache)
-    if extra_patches:
-        request = _variant(request, extra_patches)
+    patches = [*extra_patches, *(patch_series(paths.COVERAGE_VARIANT) if coverage else [])]
+    if patches:
+        request = _variant(request, patches, fragments(paths.COVERAGE_VARIANT) if coverage else [])
     result = build(request)
     check_kernel(result.bzimage)
-    return Images(result.bzimage, _initramfs(cache, result.bzimage, result.modules), result.modules,
-                  f"{source.identity} build {result.key}")
+    identity = f"{source.identity} build {result.key}{' (coverage)' if coverage else ''}"
+    notes = CoverageBuild.from_build_dir(result.out, result.key) if coverage else None
+    return Images(result.bzimage, _initramfs(cache, result.bzimage, result.modules), result.modules, identity, notes)
 
 
 def _initramfs(cache: Path, kernel: Path, modules: Path | None) -> Path:
@@ -94,16 +103,26 @@ def _initramfs(cache: Path, kernel: Path, modules: Path | None) -> Path:
                                             extra_binaries=(SSH_SERVER,)))
 
 
-def _variant(request: BuildRequest, extra_patches: Sequence[Path]) -> BuildRequest:
+def _variant(request: BuildRequest, extra_patches: Sequence[Path], extra_fragments: Sequence[Path]) -> BuildRequest:
+    """A build of the shim series plus ``extra_patches`` and of the config fragments plus
+    ``extra_fragments``, under ``variants/<digest of both>`` of the cache."""
     series = [*patch_series(request.patches), *extra_patches]
+    frags = [*fragments(request.fragments), *extra_fragments]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in series)).hexdigest()[:12]
+    if extra_fragments:  # a patches-only variant keeps the directory it always had
+        digest = hashlib.sha256(digest.encode() + b"".join(f.read_bytes() for f in frags)).hexdigest()[:12]
     root = request.cache / "variants" / digest
-    patches = root / "patches"
+    patches, config = root / "patches", root / "config"
     patches.mkdir(parents=True, exist_ok=True)
+    config.mkdir(parents=True, exist_ok=True)
     for patch in series:
         shutil.copy(patch, patches / patch.name)
     (patches / "series").write_text("".join(f"{p.name}\n" for p in series))
-    return dataclasses.replace(request, cache=root, patches=patches)
+    for old in config.glob("*.config"):
+        old.unlink()
+    for frag in frags:
+        shutil.copy(frag, config / frag.name)
+    return dataclasses.replace(request, cache=root, patches=patches, fragments=config)
 
 
 def platform_for(config: QemuConfig, base: PlatformConfig | None = None) -> PlatformConfig:

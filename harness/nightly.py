@@ -10,6 +10,7 @@ Layout of the output directory:
     junit/<n>.xml           pytest's JUnit XML of each test
     job/                    avocado's job directory (results.xml, results.html, per-test stdout)
     report.html             the harness's report
+    coverage/               with --coverage: every scenario's kernel counters and their report
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from harness.repro import pytest_command
 
 log = logging.getLogger("harness.nightly")
 
+COVERAGE_DIR = "coverage"  # under the output directory, with --coverage
 SCENARIOS = "tests/scenarios"
 UNIT = "tests/unit"
 COLLECT_TIMEOUT = 300.0
@@ -64,10 +66,13 @@ def collect(selection: Sequence[str]) -> list[str]:
     return nodeids
 
 
-def test_command(test: NightlyTest, images: Images, out: Path) -> list[str]:
-    """The command line of one test: the session's images, its own artifacts and JUnit file."""
-    return pytest_command(test.nodeid, images.kernel, images.initrd, out / "scenarios", out / test.junit,
-                          ["--keep-artifacts"])
+def test_command(test: NightlyTest, images: Images, out: Path, coverage: Path | None = None) -> list[str]:
+    """The command line of one test: the session's images, its own artifacts and JUnit file;
+    with ``coverage``, its counters go there (merged once, after the job)."""
+    extra = ["--keep-artifacts"]
+    if coverage is not None:
+        extra += ["--coverage", str(coverage), "--coverage-no-report"]
+    return pytest_command(test.nodeid, images.kernel, images.initrd, out / "scenarios", out / test.junit, extra)
 
 
 def job_config(out: Path) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def keep_avocado_inside(out: Path) -> None:
         settings.update_option(f"datadir.paths.{key}", str(data))
 
 
-def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[int, Path]:
+def run_job(tests: Sequence[NightlyTest], images: Images, out: Path, coverage: Path | None = None) -> tuple[int, Path]:
     """Run the avocado job (progress on stdout as avocado prints it); returns its exit code and
     its job directory."""
     try:
@@ -103,7 +108,7 @@ def run_job(tests: Sequence[NightlyTest], images: Images, out: Path) -> tuple[in
     (out / "junit").mkdir(parents=True, exist_ok=True)
     runnables = []
     for test in tests:
-        command = test_command(test, images, out)
+        command = test_command(test, images, out, coverage)
         log.info("$ cd %s && %s", REPO, shlex.join(command))
         runnables.append(Runnable("exec-test", *command, identifier=test.nodeid))
     keep_avocado_inside(out)

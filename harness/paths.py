@@ -10,6 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"
 PATCHES = IMAGES / "kernel" / "patches"
 CONFIG_FRAGMENTS = IMAGES / "kernel" / "config"
+# The coverage variant: a patch series (GCOV_PROFILE of the TDX host objects) and config fragments.
+COVERAGE_VARIANT = IMAGES / "kernel" / "coverage"
 INITRAMFS_INIT = IMAGES / "initramfs" / "init"
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.coverage import report as coverage_report
 from harness.paths import artifact_name
 from harness.repro import BUNDLE_NAME, junit_failure
 from harness.seam.trace import TraceRecord, read_trace
@@ -134,7 +135,26 @@ def _links(result: TestResult, base: Path) -> str:
     return " ".join(links)
 
 
-def render(results: Sequence[TestResult], out: Path, title: str) -> str:
+def coverage_section(directory: Path | None, out: Path, compare_with: Path | None) -> str:
+    """The coverage table (and the changes against an older summary, drops first), linking to
+    gcovr's HTML; "" without --coverage."""
+    if directory is None:
+        return ""
+    summary = directory / coverage_report.SUMMARY
+    if not summary.exists():
+        return f"<h2>Coverage</h2><p>no report: nothing was merged (see {html.escape(str(directory))})</p>"
+    rows = coverage_report.read_summary(summary)
+    links = " ".join(_link(directory / name, out, name) for name in (coverage_report.HTML, coverage_report.SUMMARY,
+                                                                      coverage_report.LCOV,
+                                                                      coverage_report.LINES_BY_SCENARIO,
+                                                                      coverage_report.BLIND_SPOTS))
+    text = coverage_report.format_table(rows)
+    if compare_with is not None and compare_with.exists():
+        text += "\n\n" + coverage_report.comparison_text(rows, compare_with)
+    return f"<h2>Coverage of the TDX host code</h2><p>{links}</p><pre>{html.escape(text)}</pre>"
+
+
+def render(results: Sequence[TestResult], out: Path, title: str, coverage: str = "") -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS_ORDER}
     failed = [r for r in results if r.status not in ("PASS", "SKIP")]
     rows = "".join(
@@ -156,14 +176,16 @@ tr.pass td:first-child {{ background: #9d9; }} tr.skip td:first-child {{ backgro
 <h1>{html.escape(title)}</h1>
 <p><b>{len(results)} tests: {summary}</b></p>
 <table><tr><th>status</th><th>test</th><th>s</th><th>failure</th><th>logs</th></tr>{rows}</table>
+{coverage}
 <h2>Failures: SEAMCALL timelines</h2>{sections or "<p>none</p>"}
 </body></html>
 """
 
 
-def write_report(results: Sequence[TestResult], out: Path, title: str) -> Path:
+def write_report(results: Sequence[TestResult], out: Path, title: str, coverage: Path | None = None,
+                 coverage_compare: Path | None = None) -> Path:
     for result in results:  # first: the page embeds the failures' pictures from these files
         write_timelines(result)
     path = out / "report.html"
-    path.write_text(render(results, out, title))
+    path.write_text(render(results, out, title, coverage_section(coverage, out, coverage_compare)))
     return path

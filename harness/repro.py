@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.coverage.objects import COVERAGE_ENV
 from harness.paths import REPO
 
 log = logging.getLogger("harness.repro")
@@ -187,7 +189,10 @@ def reproduce(bundle: Bundle, work: Path, timeout: float, extra: Sequence[str] =
     artifacts, junit = work / "artifacts", work / "junit.xml"
     command = pytest_command(bundle.info.nodeid, bundle.kernel, bundle.initrd, artifacts, junit, extra)
     log.info("$ cd %s && %s", REPO, shlex.join(command))
-    status = subprocess.run(command, check=False, cwd=REPO, timeout=timeout).returncode
+    # The re-run boots the bundle's kernel as it is: never a coverage run the caller's
+    # environment may ask for (TDXH_COVERAGE).
+    env = {k: v for k, v in os.environ.items() if k != COVERAGE_ENV}
+    status = subprocess.run(command, check=False, cwd=REPO, timeout=timeout, env=env).returncode
     line = junit_failure(junit, bundle.info.nodeid) if junit.exists() else ""
     failed = status != 0 and bool(line)
     return ReproResult(failed, failed and line == bundle.info.failure_line, line, status, command, artifacts)

@@ -9,6 +9,7 @@ fresh cache directory on the same machine (CI) still hits."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from harness.run import CommandError, run
 log = logging.getLogger("harness.kernel")
 
 SHIM_OPTION = "CONFIG_INTEL_TDX_HOST_SW_MODULE"
+BUILT_MARKER = ".tdxh-built"  # in a build directory: the key of the build it holds, once finished
 # Build outputs a developer's in-tree build leaves behind: `make O=` refuses a source tree
 # that has them, and they are not source anyway.
 # Top-level outputs are anchored ("/vmlinux"): a bare "vmlinux*" would also drop sources such as
@@ -59,6 +61,12 @@ class BuildResult:
     key: str
     built: bool  # False when the cached build was reused as is
     seconds: float
+    tree: Path  # the patched source the build compiled (make O= from there)
+
+    @property
+    def out(self) -> Path:
+        """The build directory (objects, and the .gcno notes of a coverage build)."""
+        return self.config.parent
 
 
 def _digest(*parts: bytes) -> str:
@@ -208,9 +216,9 @@ def build(request: BuildRequest) -> BuildResult:
     start = time.monotonic()
     key = keys(request)
     out = request.cache / "build" / key.config
-    done = out / ".tdxh-built"
+    done = out / BUILT_MARKER
     result = BuildResult(out / "arch/x86/boot/bzImage", out / "vmlinux", out / "modinst", out / ".config",
-                         key.build, built=False, seconds=0.0)
+                         key.build, built=False, seconds=0.0, tree=request.cache / "trees" / key.source)
     if not request.source.mutable and done.exists() and done.read_text() == key.build:
         log.info("kernel %s is built (%s): nothing to do", key.build, out)
         return result
@@ -236,4 +244,4 @@ def build(request: BuildRequest) -> BuildResult:
     done.write_text(key.build)
     seconds = time.monotonic() - start
     log.info("kernel built in %.0f s: %s", seconds, result.bzimage)
-    return BuildResult(result.bzimage, result.vmlinux, result.modules, result.config, key.build, True, seconds)
+    return dataclasses.replace(result, built=True, seconds=seconds, tree=tree)

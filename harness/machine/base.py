@@ -91,6 +91,24 @@ class Machine(abc.ABC):
     emulator: ClassVar[str]
     exitcode: int | None
 
+    # Called while a kernel still answers, right before something ends it (reboot, kexec, a
+    # crash, a machine check, power-off, the end of a scenario): the coverage collector copies
+    # the kernel's gcov counters out here. A tuple: machines never share a list.
+    _kernel_end_hooks: tuple[Callable[[Machine, str], None], ...] = ()
+
+    def on_kernel_end(self, hook: Callable[[Machine, str], None]) -> None:
+        """Call ``hook(machine, why)`` each time the running kernel is about to end."""
+        self._kernel_end_hooks = (*self._kernel_end_hooks, hook)
+
+    def kernel_ending(self, why: str) -> None:
+        """Tell the hooks that the running kernel is about to end, and why (a short phrase)."""
+        for hook in self._kernel_end_hooks:
+            hook(self, why)
+        self.shell_ready = False
+
+    # True once the running kernel's shell answered (wait_ready), until kernel_ending().
+    shell_ready: bool = False
+
     def _track(self) -> None:
         """Called first in start(): a machine starts once; from here on, interpreter exit stops it."""
         if self.state is not RunState.NEW:
@@ -105,14 +123,21 @@ class Machine(abc.ABC):
             raise MachineBroken(f"machine is {self.state.value}, not running")
         return self._console
 
+    def alive(self) -> bool:
+        """Running, not broken, its emulator not exited: a command may still get an answer."""
+        return (self.state is RunState.RUNNING and self._broken is None
+                and (self._proc is None or self._proc.poll() is None))
+
     def wait_ready(self, timeout: float) -> str:
         """Wait for the initramfs readiness marker; returns the guest's kernel release."""
         console = self._require_running()
         try:
-            return self._diagnosed(lambda: console.wait_ready(Deadline.after(timeout)))
+            release = self._diagnosed(lambda: console.wait_ready(Deadline.after(timeout)))
         except ConsoleError as err:
             self._broken = err
             raise
+        self.shell_ready = True
+        return release
 
     def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait for ``pattern`` on the console, after what earlier waits consumed."""
@@ -161,6 +186,7 @@ class Machine(abc.ABC):
         """``poweroff -f`` in the guest; kills the emulator if it has not ended after ``timeout``.
         Returns the emulator's exit code (as wait_exit())."""
         console = self._require_running()
+        self.kernel_ending("power-off")
         try:
             console.run("poweroff -f", timeout)
         except ConsoleClosed:

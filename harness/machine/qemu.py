@@ -242,6 +242,7 @@ class QemuMachine(Machine):
         qmp = self.qmp()
         qmp.command("set-action", reboot="shutdown", shutdown="pause")
         qmp.clear_events()
+        self.kernel_ending("reboot")
         self.send("reboot -f")
         reason = qmp.wait_event("SHUTDOWN", deadline).get("data", {}).get("reason")
         if reason != "guest-reset":
@@ -288,6 +289,7 @@ class QemuMachine(Machine):
         result = self.run("uname -r", deadline.remaining())
         if result.status:
             raise MachineBroken(f"the restored guest's shell answered {result.status}: {result.output[-300:]}")
+        self.shell_ready = True
         return result.output.strip()
 
     def hang_report(self) -> Path | None:

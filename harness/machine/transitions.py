@@ -103,6 +103,7 @@ class Kexec(Step):
         cmdline = " ".join(p for p in (current_cmdline(machine), self.append) if p)
         mode = "-s -l" if self.file_load else "-l"
         _checked(machine, f"kexec {mode} {KEXEC_KERNEL} --initrd={KEXEC_INITRD} --append={shlex.quote(cmdline)}")
+        machine.kernel_ending("kexec")
         machine.send("kexec -e")
         machine.wait_ready(BOOT_TIMEOUT)
 
@@ -127,6 +128,7 @@ class CrashDump(Step):
         # kexec_file_load (-s): the kexec_load path of kexec-tools needs /proc/kcore for a crash
         # kernel, which the trimmed config leaves out.
         _checked(machine, f"kexec -s -p {KEXEC_KERNEL} --initrd={KEXEC_INITRD} --append={shlex.quote(cmdline)}")
+        machine.kernel_ending("crash dump")
         machine.send(f"taskset -c {self.cpu} sh -c 'echo c > /proc/sysrq-trigger'")
         machine.wait_ready(BOOT_TIMEOUT)
 

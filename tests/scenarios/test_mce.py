@@ -245,6 +245,7 @@ def inject_hmp(machine: QemuMachine, mce: Mce) -> Outcome:
     QUIET_SECONDS): the shell prints nothing after its last end marker (no prompt, no echo) and
     sits in read() (docs/NOTES.md). Should the text still be missing, the paused guest's memory
     says why (silent-panic.txt in the run directory: panic CPU, console owner, unprinted log)."""
+    machine.kernel_ending("machine check")  # before the quiet wait: a coverage dump prints
     qmp = machine.qmp()
     postmortem.hold_at_reset(qmp)
     machine.wait_quiet(QUIET_SECONDS, SETTLE_TIMEOUT)

@@ -74,3 +74,23 @@ def test_report_lists_failures_first_with_their_line_links_and_timeline(tmp_path
     assert bundle_link in page and 'href="job/job-1/test-results/1/stdout"' in page
     assert page.count("<svg") == 1, "only the failure's timeline is drawn inline"
     assert all((out / "scenarios" / artifact_name(n) / "machine0" / "timeline.svg").exists() for n in junits)
+
+
+def test_report_has_the_coverage_table_and_its_changes_drops_first(tmp_path):
+    out, job_dir, junits = job(tmp_path, [("tests/scenarios/test_a.py::test_ok", "PASS")])
+    coverage = out / "coverage"
+    coverage.mkdir()
+    figures = {"line_covered": 9, "line_total": 15, "branch_covered": 6, "branch_total": 8,
+               "function_covered": 2, "function_total": 3}
+    summary = {"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **figures}], **figures}
+    (coverage / "coverage-summary.json").write_text(json.dumps(summary))
+    old = tmp_path / "old-summary.json"
+    before = {**figures, "line_covered": 12}  # 80% of the lines then, 60% now
+    old.write_text(json.dumps({"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **before},
+                                         {"filename": "arch/x86/kvm/vmx/tdx.c", **before}], **before}))
+    page = report.write_report(report.load_results(job_dir, out, junits), out, "nightly", coverage, old).read_text()
+    assert 'href="coverage/html/index.html"' in page
+    assert re.search(r"arch/x86/virt/vmx/tdx/tdx\.c +9/15 +60\.0%", page)
+    changes = page[page.index("change against"):]
+    assert changes.index("arch/x86/kvm/vmx/tdx.c") < changes.index("arch/x86/virt/vmx/tdx/tdx.c")  # gone: -80
+    assert re.search(r"arch/x86/virt/vmx/tdx/tdx\.c +-20\.0%", changes)

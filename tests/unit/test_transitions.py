@@ -41,6 +41,9 @@ class FakeMachine:
         self.commands.append(cmd)
         return CommandResult(0, self.cmdline + "\n" if cmd == "cat /proc/cmdline" else "")
 
+    def kernel_ending(self, why: str) -> None:
+        self.sent.append(f"<kernel ending: {why}>")  # in order with what is sent
+
     def send(self, cmd: str) -> None:
         self.sent.append(cmd)
         if cmd in ("kexec -e", "echo c > /proc/sysrq-trigger"):  # a new kernel says HELLO
@@ -65,7 +68,7 @@ def test_kexec_loads_the_staged_images_with_the_running_command_line() -> None:
     load = machine.commands[-1]
     assert load.startswith(f"kexec -l {KEXEC_KERNEL} --initrd={KEXEC_INITRD} ")
     assert load.endswith(f"'{machine.cmdline} maxcpus=1'")
-    assert machine.sent == ["kexec -e"]
+    assert machine.sent == ["<kernel ending: kexec>", "kexec -e"]  # counters are read before the kexec
     assert (record.boots_before, record.boots_after) == (0, 1)
 
 
@@ -74,7 +77,7 @@ def test_crash_dump_drops_crashkernel_for_the_capture_kernel() -> None:
     run_steps(machine, [CrashDump()])  # type: ignore[arg-type]
     assert machine.commands[-1].startswith(f"kexec -s -p {KEXEC_KERNEL}")
     assert "crashkernel" not in machine.commands[-1] and "reset_devices" in machine.commands[-1]
-    assert machine.sent == ["taskset -c 0 sh -c 'echo c > /proc/sysrq-trigger'"]
+    assert machine.sent == ["<kernel ending: crash dump>", "taskset -c 0 sh -c 'echo c > /proc/sysrq-trigger'"]
     run_steps(machine, [CrashDump(cpu=1)])  # type: ignore[arg-type]
     assert machine.sent[-1].startswith("taskset -c 1 ")
 
