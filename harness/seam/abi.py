@@ -36,14 +36,17 @@ class Leaf(enum.IntEnum):
     TDH_PHYMEM_PAGE_RECLAIM = 28
     TDH_MEM_PAGE_REMOVE = 29
     TDH_SYS_KEY_CONFIG = 31
+    TDH_SYS_INFO = 32  # module leaves Linux does not call (include/tdx_api_defs.h)
     TDH_SYS_INIT = 33
     TDH_SYS_RD = 34
     TDH_SYS_LP_INIT = 35
     TDH_SYS_TDMR_INIT = 36
+    TDH_SYS_RDALL = 37
     TDH_MEM_TRACK = 38
     TDH_PHYMEM_CACHE_WB = 40
     TDH_PHYMEM_PAGE_WBINVD = 41
     TDH_VP_WR = 43
+    TDH_SYS_LP_SHUTDOWN = 44
     TDH_SYS_CONFIG = 45
     TDH_SYS_SHUTDOWN = 52
     TDH_SYS_UPDATE = 53
@@ -143,6 +146,7 @@ class Status(enum.IntEnum):
     TDX_METADATA_FIELD_ID_INCORRECT = 0xC0000C0000000000
     TDX_METADATA_FIELD_NOT_WRITABLE = 0xC0000C0100000000
     TDX_METADATA_FIELD_NOT_READABLE = 0xC0000C0200000000
+    TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT = 0x00000C0B00000000  # not an error: bit 63 clear
     # Software-defined by Linux (asm/tdx.h): what the SEAMCALL instruction itself reports.
     TDX_SEAMCALL_VMFAILINVALID = 0x8000FF00FFFF0000
     TDX_SEAMCALL_GP = 0x8000FF000000000D
@@ -267,6 +271,10 @@ TDMR_INFO_HEADER_SIZE = 64  # base, size, pamt_1g_base/size, pamt_2m_base/size, 
 TDMR_RESERVED_AREA_SIZE = 16  # offset, size
 # Size of one PAMT entry in the real module (pamt_entry_t); also what SYS.RD reports.
 PAMT_ENTRY_SIZE = 16
+# TDH.SYS.TDMR.INIT initializes this many 4K PAMT entries per call, i.e. 4 MiB of a TDMR
+# (src/vmm_dispatcher/api_calls/tdh_sys_tdmr_init.c: TDMR_4K_PAMT_INIT_COUNT).
+TDMR_4K_PAMT_INIT_COUNT = 1024
+TDMR_INIT_CHUNK = TDMR_4K_PAMT_INIT_COUNT * SZ_4K
 
 # --- Global metadata field ids (TDH.SYS.RD RDX) -----------------------------------------------
 # Bits 33:32 of a field id give the element size: 0 = 8, 1 = 16, 2 = 32, 3 = 64 bits.
@@ -280,7 +288,8 @@ def field_element_bits(field_id: int) -> int:
 
 
 class Field(enum.IntEnum):
-    """Global metadata fields Linux 7.2/7.3 reads (arch/x86/virt/vmx/tdx/tdx_global_metadata.c)."""
+    """Global metadata fields: those Linux 7.2/7.3 reads (arch/x86/virt/vmx/tdx/tdx_global_metadata.c), then
+    a few more of the module's."""
 
     MINOR_VERSION = 0x0800000100000003
     MAJOR_VERSION = 0x0800000100000004
@@ -301,6 +310,11 @@ class Field(enum.IntEnum):
     NUM_CPUID_CONFIG = 0x9900000100000004
     MAX_VCPUS_PER_TD = 0x9900000100000008
     MODULE_HV = 0x8900000100000000
+    # In the module's table (include/auto_gen/global_sys_fields_lookup.c), read by no Linux 7.x yet.
+    NUM_PKGS = 0x0000000200000000
+    NUM_CMRS = 0x9000000100000000
+    CMR_BASE = 0x9000000300000080  # 32 fields
+    CMR_SIZE = 0x9000000300000100  # 32 fields
 
 
 # Arrays: element i of CPUID_CONFIG_LEAVES is BASE + i; CPUID_CONFIG_VALUES has two per leaf.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import functools
 import json
 import logging
 import time
@@ -22,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.seam import abi, td
-from harness.seam.abi import Field, Leaf, OperandId, PageSize, PageType, Status
+from harness.seam import abi, metadata, td
+from harness.seam.abi import Leaf, OperandId, PageSize, PageType, Status
 from harness.seam.exits import ExitScript
 from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
@@ -34,7 +33,6 @@ from harness.seam.trace import REGISTERS, Trace, TraceRecord
 log = logging.getLogger("harness.seam")
 
 NR_REGS = len(REGISTERS)
-MD_FIELD_ID_NA = (1 << 64) - 1
 
 
 class Variant(enum.IntEnum):
@@ -58,6 +56,26 @@ class SeamcallRequest:
 
     def reg(self, name: str) -> int:
         return self.regs[REGISTERS.index(name)]
+
+
+# __seamcall and __seamcall_ret (arch/x86/virt/vmx/tdx/tdxcall.S) load RCX, RDX and R8-R11 from
+# struct tdx_module_args; R12-R15, RBX, RDI and RSI then hold whatever the compiler left there.
+# The module sees this value in them instead of the struct's, so a leaf that needs them fails
+# unless the kernel used __seamcall_saved_ret.
+UNLOADED_REGISTER = 0xDEAD_5EA3_CA11_0000
+LOADED_BY_EVERY_VARIANT = 6  # rcx, rdx, r8, r9, r10, r11: the first six of REGISTERS
+
+
+def loaded_registers(request: SeamcallRequest) -> int:
+    """How many of REGISTERS (in order) the calling variant loads from the struct."""
+    return NR_REGS if request.variant is Variant.SEAMCALL_SAVED_RET else LOADED_BY_EVERY_VARIANT
+
+
+def as_loaded(request: SeamcallRequest) -> SeamcallRequest:
+    """The request as the module receives it from the calling variant."""
+    loaded = loaded_registers(request)
+    unloaded = tuple(UNLOADED_REGISTER | i for i in range(loaded, NR_REGS))
+    return dataclasses.replace(request, regs=request.regs[:loaded] + unloaded) if unloaded else request
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,12 @@ class TdmrState:
     @property
     def done(self) -> bool:
         return self.initialized >= self.info.size
+
+    @property
+    def ready_end(self) -> int:
+        """End of the part of the TDMR pages may be used in: whole GiB blocks only
+        (pamt_manager.c pamt_get_block(): last_initialized rounded down to 1 GiB)."""
+        return self.info.base + (self.initialized & ~(abi.SZ_1G - 1))
 
 
 @dataclass
@@ -217,7 +241,8 @@ class TdxModule:
 
     # --- the SEAMCALL entry point -------------------------------------------------------------
 
-    def call(self, request: SeamcallRequest, memory: PhysicalMemory) -> SeamcallResult:
+    def call(self, sent: SeamcallRequest, memory: PhysicalMemory) -> SeamcallResult:
+        request = as_loaded(sent)
         number = request.fn & abi.LEAF_NUMBER_MASK
         package = self.platform.package_of(request.cpu)
         call = _Call(request, memory, package)
@@ -236,11 +261,15 @@ class TdxModule:
                 # returns VMFAILINVALID to the kernel): the trace still shows the call.
                 self._record(request, request.regs, Status.TDX_SEAMCALL_VMFAILINVALID, None, f"aborted: {err}")
                 raise
-        regs = tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, request.regs))
-        self._record(request, regs, status, injected, call.note)
-        return SeamcallResult(status, regs)
+        seen = tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, request.regs))
+        self._record(request, seen, status, injected, call.note)
+        # The registers the leaf did not write go back as the kernel sent them.
+        return SeamcallResult(status, tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, sent.regs)))
 
     def _dispatch(self, call: _Call) -> int:
+        """tdx_vmm_dispatcher.c, in its order: the leaf encoding and version, then the module
+        state (SYS_SHUTDOWN, then not SYS_READY, for all but the init leaves), then the leaf
+        itself (an unknown one is OPERAND_INVALID(RAX) only there)."""
         request = call.request
         if not self.platform.module_present:
             return Status.TDX_SEAMCALL_VMFAILINVALID
@@ -249,11 +278,25 @@ class TdxModule:
             return Status.TDX_SEAMCALL_VMFAILINVALID
         number = request.fn & abi.LEAF_NUMBER_MASK
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
-        handler = _HANDLERS.get(number)
-        if handler is None and number in _KNOWN_LEAVES:
-            call.note = "leaf not modelled by the software module yet"
-        if handler is None or request.fn >> 24 or version > _MAX_VERSION.get(number, 0):
+        if request.fn >> 24 or version > _MAX_VERSION.get(number, 0):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
+        # module source implements DISABLE); the real SYS_SHUTDOWN (leaf 52) takes LP.SHUTDOWN only.
+        if self.state.sys is SysState.SYS_SHUTDOWN and number not in _SHUTDOWN_LEAVES:
+            return Status.TDX_SYS_SHUTDOWN
+        if self.state.sys is not SysState.SYS_READY and number not in _BEFORE_READY_LEAVES:
+            return Status.TDX_SYS_NOT_READY
+        handler = _HANDLERS.get(number)
+        if handler is None:
+            if number in _KNOWN_LEAVES:
+                call.note = "leaf not modelled by the software module yet"
+            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        if call.package is None:
+            # Hardware has no LP outside its packages: a CPU the platform config lacks never ran
+            # LP.INIT as far as the module knows (a harness set-up error; the note says so).
+            call.note = f"APIC id {request.cpu} is not a CPU of the platform config"
+            return Status.TDX_SYS_LP_INIT_NOT_DONE if number != Leaf.TDH_SYS_LP_INIT else \
+                Status.TDX_SYS_LP_INIT_NOT_PENDING
         try:
             return handler(self, call)
         except MemoryAccessError as err:
@@ -266,70 +309,52 @@ class TdxModule:
         self.trace.append(TraceRecord(
             seq=len(self.trace), time=round(self.trace.now(), 6), boot=self.boots, cpu=request.cpu,
             fn=request.fn, leaf=abi.leaf_name(request.fn), variant=int(request.variant),
-            inputs=dict(zip(REGISTERS, request.regs)),
+            inputs=dict(zip(REGISTERS[:loaded_registers(request)], request.regs)),
             outputs={name: value for name, value, old in zip(REGISTERS, regs, request.regs) if value != old},
             status=status, status_name=abi.status_name(status), injected=injected, note=note))
-
-    # --- shared preconditions ------------------------------------------------------------------
-
-    def _lp_ready(self, call: _Call) -> int:
-        if self.state.sys is SysState.SYS_SHUTDOWN:
-            return Status.TDX_SYS_SHUTDOWN
-        if call.request.cpu not in self.state.lp_initialized:
-            if self.platform.package_of(call.request.cpu) is None:
-                call.note = f"APIC id {call.request.cpu} is not a CPU of the platform config"
-            return Status.TDX_SYS_LP_INIT_NOT_DONE
-        return 0
-
-    def _sys_ready(self, call: _Call) -> int:
-        """The caller's LP is initialized and every package has its key (TDMR.INIT onwards)."""
-        status = self._lp_ready(call)
-        if status:
-            return status
-        return Status.TDX_SYS_NOT_READY if self.state.sys is not SysState.SYS_READY else 0
 
     # --- host initialization leaves -----------------------------------------------------------------
 
     def sys_init(self, call: _Call) -> int:
-        if self.state.sys not in (SysState.SYSINIT_PENDING, SysState.SYS_SHUTDOWN):
-            return Status.TDX_SYS_INIT_NOT_PENDING
+        """tdh_sys_init.c: RCX, RDX, R8-R10 zeroed; the attributes in RCX (all reserved in 1.5)
+        checked before the state."""
+        call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0)
         if call.reg("rcx"):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+        if self.state.sys not in (SysState.SYSINIT_PENDING, SysState.SYS_SHUTDOWN):
+            return Status.TDX_SYS_INIT_NOT_PENDING
         pages = self.state.pages if self.state.sys is SysState.SYSINIT_PENDING else {}
         calls = self.state.calls_per_leaf
         self.state = ModuleState(sys=SysState.SYSINIT_DONE, pages=pages, calls_per_leaf=calls)
         return 0
 
     def sys_lp_init(self, call: _Call) -> int:
-        if self.state.sys is SysState.SYS_SHUTDOWN:
-            return Status.TDX_SYS_SHUTDOWN
         if self.state.sys is not SysState.SYSINIT_DONE:
             return Status.TDX_SYS_LP_INIT_NOT_PENDING
         if call.request.cpu in self.state.lp_initialized:
             return Status.TDX_SYS_LP_INIT_DONE
-        if call.package is None:
-            call.note = f"APIC id {call.request.cpu} is not a CPU of the platform config"
-            return Status.TDX_SYS_LP_INIT_NOT_PENDING
         self.state.lp_initialized.add(call.request.cpu)
         return 0
 
     def sys_rd(self, call: _Call) -> int:
-        status = self._lp_ready(call)
-        if status:
-            return status
-        metadata, following_ids = global_metadata(self.platform)
+        """tdh_sys_rd.c: RDX = MD_FIELD_ID_NA and R8 = 0 on entry; the LP must have run
+        LP.INIT; the null id answers the first field id (a non-error status); a single-element
+        id is looked up on class and field code only (metadata.py); RDX the next element."""
+        call.outputs.update(rdx=metadata.MD_FIELD_ID_NA, r8=0)
+        if call.request.cpu not in self.state.lp_initialized:
+            return Status.TDX_SYS_LP_INIT_NOT_DONE
+        table = metadata.global_metadata(self.platform)
         field_id = call.reg("rdx")
-        if field_id not in metadata:
-            call.outputs.update(rdx=MD_FIELD_ID_NA, r8=0)
-            return abi.with_operand(Status.TDX_METADATA_FIELD_ID_INCORRECT, OperandId.RDX)
-        bits = abi.field_element_bits(field_id)
-        following = following_ids[field_id]
-        call.outputs.update(rdx=following, r8=metadata[field_id] & ((1 << bits) - 1))
+        if metadata.is_null_field_id(field_id):
+            call.outputs["rdx"] = table.next_element(field_id)
+            return Status.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT
+        entry = table.lookup(field_id)
+        if field_id & metadata.SINGLE_ELEMENT_MUST_BE_ZERO or entry is None:
+            return Status.TDX_METADATA_FIELD_ID_INCORRECT
+        call.outputs.update(rdx=table.next_element(field_id), r8=entry.value(field_id))
         return 0
 
     def sys_config(self, call: _Call) -> int:
-        if self.state.sys is SysState.SYS_SHUTDOWN:
-            return Status.TDX_SYS_SHUTDOWN
         if self.state.sys is not SysState.SYSINIT_DONE:
             return Status.TDX_SYS_CONFIG_NOT_PENDING
         if len(self.state.lp_initialized) < len(self.platform.cpus):
@@ -362,32 +387,32 @@ class TdxModule:
         return pa % alignment == 0 and pa < self.platform.max_pa
 
     def sys_key_config(self, call: _Call) -> int:
-        status = self._lp_ready(call)
-        if status:
-            return status
+        """tdh_sys_key_config.c: the state, then the caller's package (no LP check)."""
         if self.state.sys is not SysState.SYSCONFIG_DONE:
             return Status.TDX_SYS_KEY_CONFIG_NOT_PENDING
-        assert call.package is not None  # an initialized LP is a platform CPU
         if call.package in self.state.packages_configured:
             return Status.TDX_KEY_CONFIGURED
+        assert call.package is not None  # the dispatcher refuses CPUs outside the platform
         self.state.packages_configured.add(call.package)
         if self.state.packages_configured == set(self.platform.packages):
             self.state.sys = SysState.SYS_READY
         return 0
 
     def sys_tdmr_init(self, call: _Call) -> int:
-        status = self._sys_ready(call)
-        if status:
-            return status
+        """tdh_sys_tdmr_init.c: RDX zeroed on entry; a 1 GiB-aligned TDMR base without KeyID
+        bits; TDMR_4K_PAMT_INIT_COUNT entries (4 MiB) a call; RDX = the next address to
+        initialize rounded down to 1 GiB, so most calls return the same RDX."""
+        call.outputs["rdx"] = 0
         base = call.reg("rcx")
+        if base % abi.SZ_1G or base >= self.platform.max_pa:
+            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
         tdmr = next((t for t in self.state.tdmrs if t.info.base == base), None)
         if tdmr is None:
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
         if tdmr.done:
-            call.outputs["rdx"] = tdmr.info.end
             return Status.TDX_TDMR_ALREADY_INITIALIZED
         tdmr.initialized = min(tdmr.info.size, tdmr.initialized + self.platform.tdmr_init_chunk)
-        call.outputs["rdx"] = tdmr.info.base + tdmr.initialized
+        call.outputs["rdx"] = (base + tdmr.initialized) & ~(abi.SZ_1G - 1)
         return 0
 
     def sys_disable(self, call: _Call) -> int:
@@ -396,29 +421,29 @@ class TdxModule:
         return 0
 
     def phymem_page_rdmd(self, call: _Call) -> int:
-        status = self._sys_ready(call)
-        if status:
-            return status
-        pa = call.reg("rcx") & ~0xFFF
+        """tdh_phymem_page_rdmd.c: RCX, RDX, R8-R11 zeroed on entry; the PA page-aligned,
+        below MAXPA and without KeyID bits; inside an initialized 1 GiB block of a TDMR; R9 the
+        blocking epoch for PT_REG and PT_EPT pages."""
+        call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0)
+        pa = call.reg("rcx")
+        if pa % abi.SZ_4K or pa >= self.platform.max_pa:
+            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
         tdmr = self._tdmr_of(pa)
-        if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:
+        if tdmr is None or pa >= tdmr.ready_end:
             return abi.with_operand(Status.TDX_OPERAND_ADDR_RANGE_ERROR, OperandId.RCX)
         owner = self.state.pages.get(pa >> 12)
-        call.outputs.update(rcx=int(self.page_type(pa)), rdx=owner.owner if owner else 0,
-                            r8=int(PageSize.PT_4KB))
+        page_type = self.page_type(pa)
+        call.outputs.update(rcx=int(page_type), rdx=owner.owner if owner else 0, r8=int(PageSize.PT_4KB))
+        if owner is not None and page_type in (PageType.PT_REG, PageType.PT_EPT):
+            call.outputs["r9"] = self._bepoch(pa, owner.owner)
         return 0
 
-
-
-def _when_ready(handler: td.Handler) -> td.Handler:
-    """TD-management leaves run only once the module is ready and the LP initialized (the
-    real dispatcher answers TDX_SYS_NOT_READY before looking at any operand)."""
-
-    @functools.wraps(handler)
-    def checked(module: TdxModule, call: _Call) -> int:
-        return module._sys_ready(call) or handler(module, call)
-
-    return checked
+    def _bepoch(self, pa: int, tdr: int) -> int:
+        """The TD epoch at which the S-EPT entry mapping ``pa`` was blocked (0: not blocked,
+        or an S-EPT page, whose blocking the model does not track)."""
+        owner = self.state.tds.get(tdr)
+        leaf = next((leaf for leaf in owner.leaves.values() if leaf.pa == pa), None) if owner else None
+        return leaf.bepoch if leaf is not None else 0
 
 
 _HANDLERS: dict[int, Handler] = {
@@ -430,42 +455,13 @@ _HANDLERS: dict[int, Handler] = {
     Leaf.TDH_SYS_TDMR_INIT: TdxModule.sys_tdmr_init,
     Leaf.TDH_SYS_DISABLE: TdxModule.sys_disable,
     Leaf.TDH_PHYMEM_PAGE_RDMD: TdxModule.phymem_page_rdmd,
-    **{leaf: _when_ready(handler) for leaf, handler in td.HANDLERS.items()},
+    **td.HANDLERS,
 }
 _MAX_VERSION: dict[int, int] = dict(td.MAX_VERSION)
 _KNOWN_LEAVES = frozenset(int(leaf) for leaf in Leaf)
-
-
-@functools.lru_cache(maxsize=8)
-def global_metadata(platform: PlatformConfig) -> tuple[dict[int, int], dict[int, int]]:
-    """TDH.SYS.RD's view of the platform: every global field Linux reads, by field id, and for
-    each field id the next one (what TDH.SYS.RD returns in RDX). Read-only: cached per platform."""
-    fields: dict[int, int] = {
-        Field.MINOR_VERSION: platform.minor_version,
-        Field.MAJOR_VERSION: platform.major_version,
-        Field.UPDATE_VERSION: platform.update_version,
-        Field.TDX_FEATURES0: platform.tdx_features0,
-        Field.MAX_TDMRS: platform.max_tdmrs,
-        Field.MAX_RESERVED_PER_TDMR: platform.max_reserved_per_tdmr,
-        Field.PAMT_4K_ENTRY_SIZE: platform.pamt_entry_sizes[0],
-        Field.PAMT_2M_ENTRY_SIZE: platform.pamt_entry_sizes[1],
-        Field.PAMT_1G_ENTRY_SIZE: platform.pamt_entry_sizes[2],
-        Field.TDR_BASE_SIZE: platform.tdr_base_size,
-        Field.TDCS_BASE_SIZE: platform.tdcs_base_size,
-        Field.TDVPS_BASE_SIZE: platform.tdvps_base_size,
-        Field.ATTRIBUTES_FIXED0: platform.attributes_fixed0,
-        Field.ATTRIBUTES_FIXED1: platform.attributes_fixed1,
-        Field.XFAM_FIXED0: platform.xfam_fixed0,
-        Field.XFAM_FIXED1: platform.xfam_fixed1,
-        Field.NUM_CPUID_CONFIG: len(platform.cpuid_config),
-        Field.MAX_VCPUS_PER_TD: platform.max_vcpus_per_td,
-        Field.MODULE_HV: platform.module_hv,
-    }
-    fields = {int(field_id): value for field_id, value in fields.items()}
-    for i, entry in enumerate(platform.cpuid_config):
-        fields[abi.FIELD_CPUID_CONFIG_LEAVES + i] = entry.leaves_field
-        values = entry.values_fields
-        fields[abi.FIELD_CPUID_CONFIG_VALUES + 2 * i] = values[0]
-        fields[abi.FIELD_CPUID_CONFIG_VALUES + 2 * i + 1] = values[1]
-    ids = sorted(fields)
-    return fields, dict(zip(ids, ids[1:] + [MD_FIELD_ID_NA]))
+# The leaves tdx_vmm_dispatcher.c lets run before SYS_READY (the rest: TDX_SYS_NOT_READY), and
+# those the harness lets run after TDH.SYS.DISABLE.
+_BEFORE_READY_LEAVES = frozenset({Leaf.TDH_SYS_INFO, Leaf.TDH_SYS_RD, Leaf.TDH_SYS_RDALL, Leaf.TDH_SYS_INIT,
+                                  Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_CONFIG, Leaf.TDH_SYS_KEY_CONFIG,
+                                  Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_UPDATE, Leaf.TDH_SYS_DISABLE})
+_SHUTDOWN_LEAVES = frozenset({Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE})

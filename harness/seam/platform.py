@@ -81,9 +81,9 @@ class PlatformConfig:
     max_reserved_per_tdmr: int = 16
     pamt_entry_sizes: tuple[int, int, int] = (abi.PAMT_ENTRY_SIZE,) * 3  # 4K, 2M, 1G
     partial_write_erratum: bool = False
-    # TDMR.INIT initializes this many bytes of a TDMR per call (the real module bounds the
-    # latency of one SEAMCALL the same way).
-    tdmr_init_chunk: int = abi.SZ_1G
+    # TDMR.INIT initializes this many bytes of a TDMR per call: 4 MiB in the real module (it
+    # bounds the latency of one SEAMCALL); larger only to make a test faster.
+    tdmr_init_chunk: int = abi.TDMR_INIT_CHUNK
     tdr_base_size: int = 4096
     # What TDX 1.5 reports: MIN_NUM_TDCS_PAGES and MIN_TDVPS_PAGES (TDVPR + 5 TDCX) pages.
     tdcs_base_size: int = 6 * 4096

@@ -178,11 +178,11 @@ def _op(status: Status, operand: OperandId) -> int:
 
 def private_page_status(module: TdxModule, pa: int, operand: OperandId, expected: PageType) -> int:
     """check_and_lock_explicit_4k_private_hpa(): aligned, no KeyID bits, inside an initialized
-    TDMR, and the PAMT says ``expected``."""
+    1 GiB block of a TDMR, and the PAMT says ``expected``."""
     if pa % PAGE or pa >= module.platform.max_pa:
         return _op(Status.TDX_OPERAND_INVALID, operand)
     tdmr = module._tdmr_of(pa)
-    if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:
+    if tdmr is None or pa >= tdmr.ready_end:
         return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
     if module.page_type(pa) != expected:
         return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand)
@@ -880,7 +880,7 @@ def phymem_page_reclaim(module: TdxModule, call: _Call) -> int:
     if pa % PAGE or pa >= module.platform.max_pa:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     tdmr = module._tdmr_of(pa)
-    if tdmr is None or pa >= tdmr.info.base + tdmr.initialized:
+    if tdmr is None or pa >= tdmr.ready_end:
         return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, OperandId.RCX)
     owner = module.state.pages.get(pa >> 12)
     if owner is None or owner.page_type in (PageType.PT_NDA, PageType.PT_RSVD):

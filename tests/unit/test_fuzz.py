@@ -56,7 +56,9 @@ TEST_DEADLINE = 120.0  # per test: a hang fails naming the case (generous: a loa
 READ_TIMEOUT = 5.0  # per answer the fake guest waits for
 RAM = [(0, 2 * G)]
 FILLER = bytes(HEADER.size + MAX_PAYLOAD + CRC.size)  # completes any partial frame; holds no magic
-PROBE_LEAF = 0x7777  # an unknown leaf: always TDX_OPERAND_INVALID(RAX), no memory, no state
+# An unknown leaf: no memory, no state; a module that is not ready answers TDX_SYS_NOT_READY
+# before looking at the leaf (tdx_vmm_dispatcher.c).
+PROBE_LEAF = 0x7777
 
 
 def cases(default: int) -> int:
@@ -184,8 +186,19 @@ class Oracle:
         if request.fn & abi.P_SEAMLDR_LEAF_BIT:
             assert status == Status.TDX_SEAMCALL_VMFAILINVALID
             return
+        version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
+        if request.fn >> 24 or version > (1 if number == Leaf.TDH_VP_INIT else 0):
+            assert status == bad_rax  # the encoding first (tdx_vmm_dispatcher.c)
+            return
+        # Then the module state, before the leaf is even looked at (tdx_vmm_dispatcher.c).
+        if module.state.sys is SysState.SYS_SHUTDOWN and number not in SHUTDOWN_LEAVES:
+            assert status == Status.TDX_SYS_SHUTDOWN, record
+            return
+        if module.state.sys is not SysState.SYS_READY and number not in BEFORE_READY_LEAVES:
+            assert status == Status.TDX_SYS_NOT_READY, record
+            return
         # Which leaves are modelled grows with the module: judge by what the record says.
-        if number not in KNOWN_LEAVES or request.fn >> 24 or "not modelled" in (record.note or ""):
+        if number not in KNOWN_LEAVES or "not modelled" in (record.note or ""):
             assert status == bad_rax
             return
         if self.shut_down and number not in (Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE):
@@ -202,6 +215,13 @@ class Oracle:
         if state.sys is SysState.SYS_READY:
             assert state.packages_configured == set(module.platform.packages)
             assert state.global_keyid in module.platform.tdx_keyids
+
+
+# tdx_vmm_dispatcher.c (1.5): the leaves that run before SYS_READY; in SYS_SHUTDOWN only
+# LP.SHUTDOWN. The harness adds TDH.SYS.DISABLE (any state) and SYS.INIT after a DISABLE.
+BEFORE_READY_LEAVES = {32, 34, 37, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_CONFIG,
+                       Leaf.TDH_SYS_KEY_CONFIG, 44, Leaf.TDH_SYS_UPDATE, Leaf.TDH_SYS_DISABLE}
+SHUTDOWN_LEAVES = {44, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE}
 
 
 def fresh_module() -> tuple[TdxModule, SparseMemory]:
@@ -394,7 +414,9 @@ class Guest:
         # Only its RETURN ends it: a garbage header before it may claim the same seq by chance.
         answers = self.until_return(self.probe_seq, lambda seq: False, final=(FrameType.RETURN,))
         last = answers.frames[-1]
-        assert ReturnPayload.parse(last).status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        # What an unknown leaf gets depends only on the state the valid CALLs left the module in.
+        assert ReturnPayload.parse(last).status in (Status.TDX_SYS_NOT_READY, Status.TDX_SYS_SHUTDOWN,
+                                                     abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX))
         assert not self.inbox, f"frames after the probe's RETURN: {self.inbox}"
         return answers
 

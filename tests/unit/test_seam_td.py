@@ -513,9 +513,11 @@ def test_failed_key_config_unwinds_like_kvm():
 
 
 def test_td_leaves_need_a_ready_module():
+    """tdx_vmm_dispatcher.c: before SYS_READY a TD leaf is TDX_SYS_NOT_READY whatever the
+    caller's LP did (only SYS.RD, RDALL and INFO check LP.INIT)."""
     module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram(RAM)))
     memory = SparseMemory(RAM)
-    assert call(module, memory, 0, Leaf.TDH_MNG_CREATE, rcx=M, rdx=17).status == Status.TDX_SYS_LP_INIT_NOT_DONE
+    assert call(module, memory, 0, Leaf.TDH_MNG_CREATE, rcx=M, rdx=17).status == Status.TDX_SYS_NOT_READY
     call(module, memory, 0, Leaf.TDH_SYS_INIT)
     call(module, memory, 0, Leaf.TDH_SYS_LP_INIT)
     assert call(module, memory, 0, Leaf.TDH_MNG_CREATE, rcx=M, rdx=17).status == Status.TDX_SYS_NOT_READY
