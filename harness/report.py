@@ -151,6 +151,9 @@ def coverage_section(directory: Path | None, out: Path, compare_with: Path | Non
     text = coverage_report.format_table(rows)
     if compare_with is not None and compare_with.exists():
         text += "\n\n" + coverage_report.comparison_text(rows, compare_with)
+    spots = directory / coverage_report.BLIND_SPOTS
+    if spots.exists():
+        text += "\n\n" + coverage_report.format_blind_spots(json.loads(spots.read_text()))
     return f"<h2>Coverage of the TDX host code</h2><p>{links}</p><pre>{html.escape(text)}</pre>"
 
 

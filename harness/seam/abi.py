@@ -380,6 +380,13 @@ MIN_PA_FOR_PML5 = 49
 VIRT_TSC_FREQUENCY_MIN = 4  # units of 25 MHz: 100 MHz
 VIRT_TSC_FREQUENCY_MAX = 400  # 10 GHz
 MAX_L2_VMS = 3
+# Control structure pages (src/common/data_structures/td_control_structures.h, tdx_tdvps.h):
+# MNG.ADDCX takes up to MAX_NUM_TDCS_PAGES, VP.ADDCX up to MAX_TDVPS_PAGES with the TDVPR; each
+# L2 VM needs one more TDCS page and three more TDVPS pages (VMCS, MSR bitmaps, MSR request).
+MAX_NUM_TDCS_PAGES = 9
+TDCS_PAGES_PER_L2_VM = 1
+MAX_TDVPS_PAGES = 15
+TDVPS_PAGES_PER_L2_VM = 3
 
 # TD ATTRIBUTES bits.
 TD_ATTR_DEBUG = 1 << 0

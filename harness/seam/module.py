@@ -361,30 +361,31 @@ class TdxModule:
             call.note = f"{len(self.state.lp_initialized)} of {len(self.platform.cpus)} LPs initialized"
             return Status.TDX_SYS_CONFIG_NOT_PENDING
         array_pa, count, hkid = call.reg("rcx"), call.reg("rdx"), call.reg("r8")
-        if not self._shared_pa_ok(array_pa, abi.TDMR_INFO_PA_ARRAY_ALIGNMENT):
+        if not td.shared_page_ok(self, array_pa, abi.TDMR_INFO_PA_ARRAY_ALIGNMENT):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
         if count < 1 or count > self.platform.max_tdmrs:
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RDX)
         if hkid >> 16 or hkid not in self.platform.tdx_keyids:
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.R8)
-        entry_pas = [int.from_bytes(call.memory.read(array_pa + 8 * i, 8), "little") for i in range(count)]
+        # tdh_sys_config.c reserves the KOT entry before it reads a TDMR: a failed SYS.CONFIG
+        # leaves the KeyID taken.
+        self.state.global_keyid = hkid
+        self.state.kot[hkid] = td.KeyState.ASSIGNED  # the module's own KeyID is never free
+        memory_pa = self.platform.max_pa - 1  # a shared KeyID selects a key, not other memory
+        entry_pas = [int.from_bytes(call.memory.read((array_pa & memory_pa) + 8 * i, 8), "little")
+                     for i in range(count)]
         checker = TdmrChecker(self.platform.max_pa, self.platform.cmrs, self.platform.pamt_entry_sizes)
         size = tdmr_info_size(self.platform.max_reserved_per_tdmr)
         for entry_pa in entry_pas:
-            if not self._shared_pa_ok(entry_pa, abi.TDMR_INFO_ALIGNMENT):
+            if not td.shared_page_ok(self, entry_pa, abi.TDMR_INFO_ALIGNMENT):
                 return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
-            status = checker.check(TdmrInfo.unpack(call.memory.read(entry_pa, size),
+            status = checker.check(TdmrInfo.unpack(call.memory.read(entry_pa & memory_pa, size),
                                                     self.platform.max_reserved_per_tdmr))
             if status:
                 return status
         self.state.tdmrs = [TdmrState(info) for info in checker.accepted]
-        self.state.global_keyid = hkid
-        self.state.kot[hkid] = td.KeyState.ASSIGNED  # the module's own KeyID is never free
         self.state.sys = SysState.SYSCONFIG_DONE
         return 0
-
-    def _shared_pa_ok(self, pa: int, alignment: int) -> bool:
-        return pa % alignment == 0 and pa < self.platform.max_pa
 
     def sys_key_config(self, call: _Call) -> int:
         """tdh_sys_key_config.c: the state, then the caller's package (no LP check)."""

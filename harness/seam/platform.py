@@ -71,6 +71,9 @@ class PlatformConfig:
     cmrs: tuple[tuple[int, int], ...] = ((abi.SZ_1M, (2 << 30) - abi.SZ_1M),)
     # Physical address width; the top HKID bits of it carry the KeyID.
     max_pa_bits: int = 46
+    # SEAMRR (base, size): the range the module itself lives in, outside every CMR. Size 0: the
+    # emulated machine reserves none, so no address the kernel passes can overlap it.
+    seamrr: tuple[int, int] = (0, 0)
     module_present: bool = True
     major_version: int = 1
     minor_version: int = 5

@@ -148,6 +148,7 @@ _VP_FIELDS: dict[tuple[bool, int, int], MdField] = {
 _INIT, _RUN = OpState.INITIALIZED, OpState.RUNNABLE
 # TDCS.OP_STATE in which each leaf is allowed (the module's seamcall_state_lookup).
 _OP_STATES: dict[int, frozenset[OpState]] = {
+    Leaf.TDH_MNG_ADDCX: frozenset({OpState.UNINITIALIZED}),  # checked once OP_STATE exists (page 7 on)
     Leaf.TDH_MNG_INIT: frozenset({OpState.UNINITIALIZED}),
     Leaf.TDH_VP_CREATE: frozenset({_INIT}),
     Leaf.TDH_VP_ADDCX: frozenset({_INIT}),
@@ -190,9 +191,13 @@ def private_page_status(module: TdxModule, pa: int, operand: OperandId, expected
 
 
 def shared_page_ok(module: TdxModule, pa: int, alignment: int) -> bool:
-    """shared_hpa_check_with_pwr_2_alignment(): aligned, below MAXPA, shared (MKTME) KeyID."""
+    """shared_hpa_check_with_pwr_2_alignment() (src/common/helpers/helpers.c): aligned, below
+    2^MAXPA, outside SEAMRR, and a shared KeyID (0 or MKTME) in the HKID bits."""
     platform = module.platform
+    seamrr_base, seamrr_size = platform.seamrr
+    address = pa & (platform.max_pa - 1)
     return (pa % alignment == 0 and pa < 1 << platform.max_pa_bits
+            and not (seamrr_size and address < seamrr_base + seamrr_size and seamrr_base < address + alignment)
             and pa >> platform.hkid_shift < platform.tdx_keyid_start)
 
 
@@ -337,18 +342,26 @@ def mng_addcx(module: TdxModule, call: _Call) -> int:
         return status
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
-    return _add_control_page(module, call, td, td.tdcx, module.platform.tdcs_pages)
+    # tdh_mng_add_cx.c: up to MAX_NUM_TDCS_PAGES; a page past the minimum (room for L2 VMs) is
+    # taken only while OP_STATE, which lives in the TDCS, still allows it.
+    after_minimum = len(td.tdcx) >= module.platform.tdcs_pages
+    return _add_control_page(module, call, td, td.tdcx, abi.MAX_NUM_TDCS_PAGES,
+                             Leaf.TDH_MNG_ADDCX if after_minimum else None)
 
 
-def _add_control_page(module: TdxModule, call: _Call, td: Td, pages: list[int], limit: int) -> int:
+def _add_control_page(module: TdxModule, call: _Call, td: Td, pages: list[int], limit: int,
+                      op_state_leaf: Leaf | None = None) -> int:
     """TDH.MNG.ADDCX / TDH.VP.ADDCX: the page in RCX becomes the next of ``pages`` (the TD's or
-    a vCPU's control structure pages, at most ``limit``), a PT_TDCX page of ``td``."""
+    a vCPU's control structure pages, at most ``limit``), a PT_TDCX page of ``td``; with
+    ``op_state_leaf``, once the page checks pass, OP_STATE must allow that leaf."""
     if len(pages) >= limit:
         return Status.TDX_TDCX_NUM_INCORRECT
     page = call.reg("rcx")
     status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
     if status:
         return status
+    if op_state_leaf is not None and td.op_state not in _OP_STATES[op_state_leaf]:
+        return Status.TDX_OP_STATE_INCORRECT
     pages.append(page)
     _take_page(module, td, page, PageType.PT_TDCX)
     return 0
@@ -424,7 +437,14 @@ def vp_addcx(module: TdxModule, call: _Call) -> int:
         return status
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
-    return _add_control_page(module, call, td, vcpu.tdcx, module.platform.tdcx_pages)
+    # tdh_vp_addcx.c: up to MAX_TDVPS_PAGES with the TDVPR (the extra ones serve L2 VMs).
+    return _add_control_page(module, call, td, vcpu.tdcx, abi.MAX_TDVPS_PAGES - 1)
+
+
+def tdcx_needed(module: TdxModule, td: Td) -> int:
+    """TDCX pages a vCPU of ``td`` needs besides its TDVPR (map_tdvps(): its L2 VMs included)."""
+    l2_vms = td.params.num_l2_vms if td.params is not None else 0
+    return module.platform.tdcx_pages + abi.TDVPS_PAGES_PER_L2_VM * l2_vms
 
 
 def vp_init(module: TdxModule, call: _Call) -> int:
@@ -432,7 +452,7 @@ def vp_init(module: TdxModule, call: _Call) -> int:
     status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_INIT)
     if vcpu is None or td is None:
         return status
-    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+    if len(vcpu.tdcx) < tdcx_needed(module, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
@@ -479,7 +499,7 @@ def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
     status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
     if vcpu is None or td is None:
         return status
-    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+    if len(vcpu.tdcx) < tdcx_needed(module, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     status = _associate(td, vcpu, call.request.cpu)
     if status:
@@ -810,7 +830,7 @@ def vp_flush(module: TdxModule, call: _Call) -> int:
         return status
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
-    if len(vcpu.tdcx) < module.platform.tdcx_pages:
+    if len(vcpu.tdcx) < tdcx_needed(module, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     if vcpu.assoc_cpu != call.request.cpu:
         return Status.TDX_VCPU_NOT_ASSOCIATED

@@ -159,8 +159,8 @@ def check(params: TdParams, platform: PlatformConfig, tdcs_pages: int) -> Verdic
         return _invalid(OperandId.MAX_VCPUS)
     if params.num_l2_vms > abi.MAX_L2_VMS:
         return _invalid(OperandId.NUM_L2_VMS)
-    # Each L2 VM needs TDCS pages beyond TDCS_BASE_SIZE, which the model never hands out.
-    if params.num_l2_vms or tdcs_pages < platform.tdcs_base_size // abi.SZ_4K:
+    # is_required_tdcs_allocated() (td_control_structures.h): one more TDCS page per L2 VM.
+    if tdcs_pages < platform.tdcs_base_size // abi.SZ_4K + abi.TDCS_PAGES_PER_L2_VM * params.num_l2_vms:
         return Verdict(Status.TDX_TDCS_NOT_ALLOCATED)
     if any(params.reserved0):
         return _invalid(OperandId.RDX)

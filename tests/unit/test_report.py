@@ -84,6 +84,7 @@ def test_report_has_the_coverage_table_and_its_changes_drops_first(tmp_path):
                "function_covered": 2, "function_total": 3}
     summary = {"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **figures}], **figures}
     (coverage / "coverage-summary.json").write_text(json.dumps(summary))
+    (coverage / "blind-spots.json").write_text(json.dumps({"noinstr": {"arch/x86/virt/vmx/tdx/tdx.c": ["tdh_vp_enter"]}}))
     old = tmp_path / "old-summary.json"
     before = {**figures, "line_covered": 12}  # 80% of the lines then, 60% now
     old.write_text(json.dumps({"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **before},
@@ -94,3 +95,4 @@ def test_report_has_the_coverage_table_and_its_changes_drops_first(tmp_path):
     changes = page[page.index("change against"):]
     assert changes.index("arch/x86/kvm/vmx/tdx.c") < changes.index("arch/x86/virt/vmx/tdx/tdx.c")  # gone: -80
     assert re.search(r"arch/x86/virt/vmx/tdx/tdx\.c +-20\.0%", changes)
+    assert "noinstr, compiled without counters: tdh_vp_enter" in page

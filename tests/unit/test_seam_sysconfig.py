@@ -51,7 +51,9 @@ def valid_tdmrs() -> list[TdmrInfo]:
 
 def configure(infos: list[TdmrInfo], array_pa: int = ARRAY_PA, infos_pa: int = INFOS_PA,
               count: int | None = None, hkid: int = 16,
-              platform: PlatformConfig | None = None) -> tuple[int, TdxModule]:
+              platform: PlatformConfig | None = None, keyid: int = 0) -> tuple[int, TdxModule]:
+    """SYS.CONFIG of ``infos`` at ``infos_pa``, their PAs at ``array_pa``; RCX carries ``keyid``
+    in its HKID bits."""
     module = TdxModule(platform or PlatformConfig(cmrs=cmrs_for_ram(RAM)))
     memory = SparseMemory(RAM)
     for i, info in enumerate(infos):
@@ -62,7 +64,8 @@ def configure(infos: list[TdmrInfo], array_pa: int = ARRAY_PA, infos_pa: int = I
             assert call(module, memory, cpu.apic_id, Leaf.TDH_SYS_INIT).status == 0
         assert call(module, memory, cpu.apic_id, Leaf.TDH_SYS_LP_INIT).status == 0
     n = len(infos) if count is None else count
-    status = call(module, memory, 0, Leaf.TDH_SYS_CONFIG, rcx=array_pa, rdx=n, r8=hkid).status
+    rcx = array_pa | keyid << module.platform.hkid_shift
+    status = call(module, memory, 0, Leaf.TDH_SYS_CONFIG, rcx=rcx, rdx=n, r8=hkid).status
     return status, module
 
 
@@ -93,6 +96,25 @@ def test_tdmr_count_within_max(count):
 def test_global_keyid_must_be_a_tdx_keyid(hkid):
     status, _ = configure(valid_tdmrs(), hkid=hkid)
     assert status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.R8)
+
+
+def test_shared_keyids_and_seamrr_as_the_module_checks_them():
+    """src/common/helpers/helpers.c shared_hpa_check() (tdh_sys_config.c uses it for the array
+    and each entry): below 2^MAXPA, outside SEAMRR, and a shared KeyID: 0 or an MKTME one."""
+    platform = PlatformConfig(cmrs=cmrs_for_ram(RAM))
+    assert configure(valid_tdmrs(), keyid=1)[0] == 0  # MKTME KeyID 1
+    bad_rcx = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    assert configure(valid_tdmrs(), keyid=platform.tdx_keyid_start)[0] == bad_rcx
+    with_seamrr = dataclasses.replace(platform, seamrr=(ARRAY_PA, 0x1000))
+    assert configure(valid_tdmrs(), platform=with_seamrr)[0] == bad_rcx
+
+
+def test_a_failed_config_keeps_the_global_keyid_reserved():
+    """tdh_sys_config.c marks the KOT entry of the global KeyID reserved before it reads the
+    TDMRs: a SYS.CONFIG that fails on a TDMR leaves the KeyID taken."""
+    status, module = configure(valid_tdmrs(), infos_pa=INFOS_PA + 64, hkid=20)
+    assert status == abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    assert 20 in module.state.kot and module.state.sys is SysState.SYSINIT_DONE
 
 
 def test_tdmr_info_entries_must_be_512_aligned():

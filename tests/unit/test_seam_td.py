@@ -266,7 +266,9 @@ def test_td_build_order():
     assert failing(td, Leaf.TDH_VP_CREATE, rcx=td.pages.alloc(), rdx=td.tdr)[0] == Status.TDX_TDCS_NOT_ALLOCATED
     assert failing(td, Leaf.TDH_MNG_ADDCX, rcx=page, rdx=td.tdr)[0] == op(Status.TDX_PAGE_METADATA_INCORRECT,
                                                                           OperandId.RCX)
-    for _ in range(module.platform.tdcs_pages - 1):
+    # tdh_mng_add_cx.c: before MNG.INIT up to MAX_NUM_TDCS_PAGES (9), past the 6 a TD without
+    # L2 VMs needs.
+    for _ in range(abi.MAX_NUM_TDCS_PAGES - 1):
         td.tdcs.append(td.pages.alloc())
         td.sc(Leaf.TDH_MNG_ADDCX, rcx=td.tdcs[-1], rdx=td.tdr)
     assert failing(td, Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)[0] == Status.TDX_TDCX_NUM_INCORRECT
@@ -292,7 +294,7 @@ def q(value: int) -> bytes:
     ({"xfam": (8, q(0x1))}, op(Status.TDX_OPERAND_INVALID, OperandId.XFAM), 0),  # misses fixed-1 SSE
     ({"xfam": (8, q(0x3 | 1 << 5))}, op(Status.TDX_OPERAND_INVALID, OperandId.XFAM), 0),  # AVX-512 in part
     ({"vcpus": (16, b"\0\0")}, op(Status.TDX_OPERAND_INVALID, OperandId.MAX_VCPUS), 0),
-    ({"l2": (18, b"\1")}, Status.TDX_TDCS_NOT_ALLOCATED, 0),
+    ({"l2": (18, b"\1")}, Status.TDX_TDCS_NOT_ALLOCATED, 0),  # KVM adds the 6 pages of a TD without L2
     ({"rsvd0": (20, b"\1")}, op(Status.TDX_OPERAND_INVALID, OperandId.RDX), 0),
     ({"flags": (32, q(1 << 5))}, op(Status.TDX_OPERAND_INVALID, OperandId.EXEC_CONTROLS), 0),
     ({"gpaw": (32, q(abi.CONFIG_FLAGS_GPAW | abi.CONFIG_FLAGS_NO_RBP_MOD))},
@@ -318,6 +320,34 @@ def test_mng_init_td_params_checks(edits, status, rcx):
     assert (failure.value.status, failure.value.regs[0]) == (status, rcx)
     # KVM hands OPERAND_INVALID statuses to userspace in hw_error (and returns -EINVAL).
     assert td.hw_error == (status if status & abi.STATUS_MASK == Status.TDX_OPERAND_INVALID else 0)
+
+
+def test_control_pages_for_l2_vms_and_after_mng_init():
+    """td_control_structures.h is_required_tdcs_allocated(): MNG.INIT needs one TDCS page more
+    per L2 VM; tdh_mng_add_cx.c: a page past the minimum once MNG.INIT ran is
+    TDX_OP_STATE_INCORRECT; tdh_vp_init.c (map_tdvps): a vCPU needs 3 TDVPS pages more per L2 VM."""
+    td = built_td()
+    assert failing(td, Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)[0] == Status.TDX_OP_STATE_INCORRECT
+    td = new_td(ready_module())
+    td.tdr, td.hkid = td.pages.alloc(), td.module.platform.tdx_keyid_start + 1
+    td.sc(Leaf.TDH_MNG_CREATE, rcx=td.tdr, rdx=td.hkid)
+    td.sc(Leaf.TDH_MNG_KEY_CONFIG, rcx=td.tdr)
+    for _ in range(td.module.platform.tdcs_pages):
+        td.sc(Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)
+    params_pa = td.pages.alloc()
+    td.memory.write(params_pa, params_with(td, l2=(18, b"\1")))
+    assert failing(td, Leaf.TDH_MNG_INIT, rcx=td.tdr, rdx=params_pa)[0] == Status.TDX_TDCS_NOT_ALLOCATED
+    td.sc(Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)
+    td.sc(Leaf.TDH_MNG_INIT, rcx=td.tdr, rdx=params_pa)
+    tdvpr = td.pages.alloc()
+    td.sc(Leaf.TDH_VP_CREATE, rcx=tdvpr, rdx=td.tdr)
+    for _ in range(td.module.platform.tdcx_pages):
+        td.sc(Leaf.TDH_VP_ADDCX, rcx=td.pages.alloc(), rdx=tdvpr)
+    v1 = Leaf.TDH_VP_INIT | 1 << abi.LEAF_VERSION_SHIFT
+    assert failing(td, v1, rcx=tdvpr, r8=0)[0] == Status.TDX_TDCX_NUM_INCORRECT  # 5 TDCX, 8 needed
+    for _ in range(abi.TDVPS_PAGES_PER_L2_VM):
+        td.sc(Leaf.TDH_VP_ADDCX, rcx=td.pages.alloc(), rdx=tdvpr)
+    td.sc(v1, rcx=tdvpr, r8=0)
 
 
 def abi_cpuid_7_with_tsx() -> CpuidConfig:
@@ -348,7 +378,8 @@ def test_vcpu_errors():
     td.sc(Leaf.TDH_VP_CREATE, rcx=dup, rdx=td.tdr)
     v1 = Leaf.TDH_VP_INIT | 1 << abi.LEAF_VERSION_SHIFT
     assert failing(td, v1, rcx=dup, r8=0)[0] == Status.TDX_TDCX_NUM_INCORRECT
-    for _ in range(td.module.platform.tdcx_pages):
+    # tdh_vp_addcx.c: up to MAX_TDVPS_PAGES (15) with the TDVPR, the extra ones for L2 VMs.
+    for _ in range(abi.MAX_TDVPS_PAGES - 1):
         td.sc(Leaf.TDH_VP_ADDCX, rcx=td.pages.alloc(), rdx=dup)
     assert failing(td, Leaf.TDH_VP_ADDCX, rcx=td.pages.alloc(), rdx=dup)[0] == Status.TDX_TDCX_NUM_INCORRECT
     assert failing(td, v1, rcx=dup, r8=vcpu.vcpu_id)[0] == Status.TDX_X2APIC_ID_NOT_UNIQUE | vcpu.vcpu_id
