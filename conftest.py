@@ -141,7 +141,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     except (ReportError, CoverageBuildError) as err:
         text = f"coverage: no report: {err}"
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write("\n")  # the progress line may still be open
         reporter.write_sep("=", "TDX host code coverage")
         reporter.write_line(text)
         reporter.write_line(f"report: {root / 'html' / 'index.html'} (also {root / 'coverage-summary.json'}, "
