@@ -84,7 +84,8 @@ def test_report_has_the_coverage_table_and_its_changes_drops_first(tmp_path):
                "function_covered": 2, "function_total": 3}
     summary = {"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **figures}], **figures}
     (coverage / "coverage-summary.json").write_text(json.dumps(summary))
-    (coverage / "blind-spots.json").write_text(json.dumps({"noinstr": {"arch/x86/virt/vmx/tdx/tdx.c": ["tdh_vp_enter"]}}))
+    spots = {"noinstr": {"arch/x86/virt/vmx/tdx/tdx.c": ["tdh_vp_enter"]}}
+    (coverage / "blind-spots.json").write_text(json.dumps(spots))
     old = tmp_path / "old-summary.json"
     before = {**figures, "line_covered": 12}  # 80% of the lines then, 60% now
     old.write_text(json.dumps({"files": [{"filename": "arch/x86/virt/vmx/tdx/tdx.c", **before},

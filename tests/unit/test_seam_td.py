@@ -328,12 +328,7 @@ def test_control_pages_for_l2_vms_and_after_mng_init():
     TDX_OP_STATE_INCORRECT; tdh_vp_init.c (map_tdvps): a vCPU needs 3 TDVPS pages more per L2 VM."""
     td = built_td()
     assert failing(td, Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)[0] == Status.TDX_OP_STATE_INCORRECT
-    td = new_td(ready_module())
-    td.tdr, td.hkid = td.pages.alloc(), td.module.platform.tdx_keyid_start + 1
-    td.sc(Leaf.TDH_MNG_CREATE, rcx=td.tdr, rdx=td.hkid)
-    td.sc(Leaf.TDH_MNG_KEY_CONFIG, rcx=td.tdr)
-    for _ in range(td.module.platform.tdcs_pages):
-        td.sc(Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)
+    td = td_before_mng_init()
     params_pa = td.pages.alloc()
     td.memory.write(params_pa, params_with(td, l2=(18, b"\1")))
     assert failing(td, Leaf.TDH_MNG_INIT, rcx=td.tdr, rdx=params_pa)[0] == Status.TDX_TDCS_NOT_ALLOCATED
@@ -356,14 +351,19 @@ def abi_cpuid_7_with_tsx() -> CpuidConfig:
     return CpuidConfig(leaf=7, subleaf=0, ebx=base.ebx | 1 << 4 | 1 << 11, ecx=base.ecx, edx=base.edx)
 
 
-def test_td_params_must_be_shared_and_aligned():
+def td_before_mng_init() -> KvmTd:
+    """init_vm() by hand, stopping before TDH.MNG.INIT: created, keyed, its TDCS pages added."""
     td = new_td(ready_module())
-    # init_vm() by hand, stopping before TDH.MNG.INIT.
     td.tdr, td.hkid = td.pages.alloc(), td.module.platform.tdx_keyid_start + 1
     td.sc(Leaf.TDH_MNG_CREATE, rcx=td.tdr, rdx=td.hkid)
     td.sc(Leaf.TDH_MNG_KEY_CONFIG, rcx=td.tdr)
     for _ in range(td.module.platform.tdcs_pages):
         td.sc(Leaf.TDH_MNG_ADDCX, rcx=td.pages.alloc(), rdx=td.tdr)
+    return td
+
+
+def test_td_params_must_be_shared_and_aligned():
+    td = td_before_mng_init()
     invalid_rdx = op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
     assert failing(td, Leaf.TDH_MNG_INIT, rcx=td.tdr, rdx=0x10200)[0] == invalid_rdx
     private = 0x10000 | (td.module.platform.tdx_keyid_start << td.module.platform.hkid_shift)
