@@ -16,7 +16,16 @@ import pytest
 from harness import paths
 from harness.coverage.collect import ScenarioCoverage
 from harness.coverage.objects import COVERAGE_ENV, CoverageBuildError
-from harness.coverage.report import ReportError, format_table, read_summary, write_report
+from harness.coverage.report import (
+    BLIND_SPOTS,
+    HTML,
+    LCOV,
+    LINES_BY_SCENARIO,
+    SUMMARY,
+    ReportError,
+    summary_text,
+    write_report,
+)
 from harness.images.iso import HOST_PACKAGES as ISO_PACKAGES
 from harness.images.iso import IsoError, check_host
 from harness.launch import (
@@ -136,16 +145,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return  # no scenario booted (e.g. only unit tests were selected)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     try:
-        report = write_report(root)
-        text = format_table(read_summary(report.summary))
+        write_report(root)
+        text = summary_text(root)
     except (ReportError, CoverageBuildError) as err:
         text = f"coverage: no report: {err}"
     if reporter is not None:
         reporter.write("\n")  # the progress line may still be open
         reporter.write_sep("=", "TDX host code coverage")
         reporter.write_line(text)
-        reporter.write_line(f"report: {root / 'html' / 'index.html'} (also {root / 'coverage-summary.json'}, "
-                            f"coverage.lcov, lines-by-scenario.json, blind-spots.json)")
+        reporter.write_line(f"report: {root / HTML} (also {root / SUMMARY}, {LCOV}, {LINES_BY_SCENARIO}, "
+                            f"{BLIND_SPOTS})")
 
 
 _IMAGES = pytest.StashKey[Images]()

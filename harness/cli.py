@@ -68,10 +68,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         summary = directory / coverage_report.SUMMARY
         if args.merge or not summary.exists() or _newer_counters(directory, summary):
             coverage_report.write_report(directory)
-        rows = coverage_report.read_summary(summary)
-        print(coverage_report.format_table(rows))
-        if args.compare is not None:
-            print("\n" + coverage_report.comparison_text(rows, args.compare))
+        print(coverage_report.summary_text(directory, args.compare))
         if args.unreached:
             print(f"\nlargest functions no scenario entered (up to {args.unreached} a file; lines with code):")
             for name, functions in coverage_report.unreached_functions(directory / coverage_report.MERGED,

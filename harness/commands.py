@@ -159,11 +159,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def print_coverage(directory: Path, compare_with: Path | None = None) -> bool:
     """Merge DIR's counters and print the per-file table (and deltas); False if that failed."""
     try:
-        written = coverage_report.write_report(directory)
-        rows = coverage_report.read_summary(written.summary)
-        print(coverage_report.format_table(rows))
-        if compare_with is not None:
-            print("\n" + coverage_report.comparison_text(rows, compare_with))
+        coverage_report.write_report(directory)
+        print(coverage_report.summary_text(directory, compare_with))
     except (coverage_report.ReportError, CoverageBuildError) as err:
         print(f"coverage: no report: {err}", file=sys.stderr)
         return False

@@ -143,14 +143,12 @@ def coverage_section(directory: Path | None, out: Path, compare_with: Path | Non
     summary = directory / coverage_report.SUMMARY
     if not summary.exists():
         return f"<h2>Coverage</h2><p>no report: nothing was merged (see {html.escape(str(directory))})</p>"
-    rows = coverage_report.read_summary(summary)
     links = " ".join(_link(directory / name, out, name) for name in (coverage_report.HTML, coverage_report.SUMMARY,
                                                                       coverage_report.LCOV,
                                                                       coverage_report.LINES_BY_SCENARIO,
                                                                       coverage_report.BLIND_SPOTS))
-    text = coverage_report.format_table(rows)
-    if compare_with is not None and compare_with.exists():
-        text += "\n\n" + coverage_report.comparison_text(rows, compare_with)
+    text = coverage_report.summary_text(directory, compare_with if compare_with is not None and compare_with.exists()
+                                        else None)
     spots = directory / coverage_report.BLIND_SPOTS
     if spots.exists():
         text += "\n\n" + coverage_report.format_blind_spots(json.loads(spots.read_text()))

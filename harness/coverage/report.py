@@ -113,15 +113,9 @@ def scenario_tracefile(raw: Path, build: CoverageBuild, out: Path, sources: Sequ
     return out
 
 
-@dataclass(frozen=True)
-class Report:
-    directory: Path
-    scenarios: int
-    summary: Path
-
-
-def write_report(directory: Path, sources: Sequence[str] = KERNEL_SOURCES) -> Report:
-    """Merge DIR/raw into the report files of DIR (see harness/coverage/__init__.py)."""
+def write_report(directory: Path, sources: Sequence[str] = KERNEL_SOURCES) -> Path:
+    """Merge DIR/raw into the report files of DIR (see harness/coverage/__init__.py); the summary's
+    path."""
     build = CoverageBuild.load(directory)
     found = scenarios(directory)
     if not found:
@@ -140,7 +134,7 @@ def write_report(directory: Path, sources: Sequence[str] = KERNEL_SOURCES) -> Re
     labels = {raw.name: scenario_label(raw) for raw in found}
     _write_json(directory / LINES_BY_SCENARIO, lines_by_scenario({labels[t.stem]: t for t in tracefiles}))
     _write_json(directory / BLIND_SPOTS, blind_spots(directory, build, sources))
-    return Report(directory, len(found), directory / SUMMARY)
+    return directory / SUMMARY
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -188,8 +182,9 @@ def blind_spots(directory: Path, build: CoverageBuild, sources: Sequence[str]) -
                     kernels.append({"scenario": data["scenario"], "machine": machine["name"],
                                     "kernel": kernel["kernel"], "ended_by": kernel["ended_by"], "lost": what})
     notes = build.notes()
-    return {"noinstr": noinstr, "not_built": [obj for obj in PROFILED if obj not in notes] if sources is KERNEL_SOURCES
-            else [], "kernels": kernels}
+    not_built = [obj for obj, profiled in PROFILED.items() if set(profiled) & set(sources)
+                 and obj not in notes]
+    return {"noinstr": noinstr, "not_built": not_built, "kernels": kernels}
 
 
 # Reading the results: the table `tdxh coverage` prints, the comparison with an older summary.
@@ -270,6 +265,15 @@ def comparison_text(rows: Sequence[FileFigures], old_summary: Path) -> str:
     """The per-file changes against an older summary, as the commands and the nightly print them."""
     deltas = compare(rows, read_summary(old_summary))
     return f"change against {old_summary} (percentage points, drops first):\n{format_deltas(deltas)}"
+
+
+def summary_text(directory: Path, compare_with: Path | None = None) -> str:
+    """DIR's per-file table, then its changes against an older summary when one is given."""
+    rows = read_summary(directory / SUMMARY)
+    text = format_table(rows)
+    if compare_with is not None:
+        text += "\n\n" + comparison_text(rows, compare_with)
+    return text
 
 
 def unreached_functions(merged: Path, top: int) -> dict[str, list[tuple[str, int]]]:

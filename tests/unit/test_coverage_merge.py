@@ -220,7 +220,7 @@ def test_the_merged_summary_agrees_with_gcov(tmp_path, sample_report):
                         for i, branch in enumerate(line["branches"]) if branch["count"]}
     functions = {f["name"] for f in runs[0]["functions"]}
     functions_covered = {f["name"] for run in runs for f in run["functions"] if f["execution_count"]}
-    summary = json.loads(written.summary.read_text())
+    summary = json.loads(written.read_text())
     (entry,) = summary["files"]
     assert entry["filename"] == "sample.c"
     assert (entry["line_covered"], entry["line_total"]) == (len(covered), len(lines))
@@ -247,9 +247,25 @@ def test_unreached_functions_and_the_comparison(sample_report):
     root, written = sample_report
     cold = report.unreached_functions(root / report.MERGED, 10)
     assert cold == {"sample.c": []}  # the fail scenario entered unwind()
-    rows = report.read_summary(written.summary)
+    rows = report.read_summary(written)
     worse = [report.FileFigures(r.file, (r.lines[0] - 1, r.lines[1]), r.branches, r.functions) for r in rows]
     deltas = report.compare(worse, rows)
     assert deltas[0].lines < 0 and deltas[0].status == "changed"
     gone = report.compare(rows[1:], rows)
     assert gone[0].status == "gone" and gone[0].file == "sample.c"
+
+
+def test_profiled_objects_the_build_lacks_are_blind_spots_of_their_sources_only(tmp_path):
+    """A profiled object without notes (its config option off) is listed when the report covers
+    one of its sources, and not when the report is of other sources."""
+    build_dir = tmp_path / "build"
+    tdx_note = build_dir / "arch/x86/virt/vmx/tdx/tdx.gcno"
+    tdx_note.parent.mkdir(parents=True)
+    tdx_note.write_bytes(b"")
+    (tmp_path / "cov" / "raw").mkdir(parents=True)
+    build = CoverageBuild(build_dir, tmp_path, "sample")
+    everything = report.blind_spots(tmp_path / "cov", build, report.KERNEL_SOURCES)
+    assert everything["not_built"] == [obj for obj in report.PROFILED if obj != "arch/x86/virt/vmx/tdx/tdx.o"]
+    only_seamldr = report.blind_spots(tmp_path / "cov", build, ["arch/x86/virt/vmx/tdx/seamldr.c"])
+    assert only_seamldr["not_built"] == ["arch/x86/virt/vmx/tdx/seamldr.o"]
+    assert report.blind_spots(tmp_path / "cov", build, ["sample.c"])["not_built"] == []
