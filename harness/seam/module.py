@@ -371,15 +371,14 @@ class TdxModule:
         # leaves the KeyID taken.
         self.state.global_keyid = hkid
         self.state.kot[hkid] = td.KeyState.ASSIGNED  # the module's own KeyID is never free
-        memory_pa = self.platform.max_pa - 1  # a shared KeyID selects a key, not other memory
-        entry_pas = [int.from_bytes(call.memory.read((array_pa & memory_pa) + 8 * i, 8), "little")
+        entry_pas = [int.from_bytes(call.memory.read(self.platform.address_of(array_pa) + 8 * i, 8), "little")
                      for i in range(count)]
         checker = TdmrChecker(self.platform.max_pa, self.platform.cmrs, self.platform.pamt_entry_sizes)
         size = tdmr_info_size(self.platform.max_reserved_per_tdmr)
         for entry_pa in entry_pas:
             if not td.shared_page_ok(self, entry_pa, abi.TDMR_INFO_ALIGNMENT):
                 return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
-            status = checker.check(TdmrInfo.unpack(call.memory.read(entry_pa & memory_pa, size),
+            status = checker.check(TdmrInfo.unpack(call.memory.read(self.platform.address_of(entry_pa), size),
                                                     self.platform.max_reserved_per_tdmr))
             if status:
                 return status

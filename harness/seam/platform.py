@@ -148,6 +148,11 @@ class PlatformConfig:
         """Bit position of the KeyID in a physical address."""
         return self.max_pa_bits - self.hkid_bits
 
+    def address_of(self, pa: int) -> int:
+        """The memory address ``pa`` names: its KeyID bits (which select a key, not other memory)
+        cleared."""
+        return pa & (self.max_pa - 1)
+
     @property
     def tdcs_pages(self) -> int:
         return self.tdcs_base_size // abi.SZ_4K

@@ -195,7 +195,7 @@ def shared_page_ok(module: TdxModule, pa: int, alignment: int) -> bool:
     2^MAXPA, outside SEAMRR, and a shared KeyID (0 or MKTME) in the HKID bits."""
     platform = module.platform
     seamrr_base, seamrr_size = platform.seamrr
-    address = pa & (platform.max_pa - 1)
+    address = platform.address_of(pa)
     return (pa % alignment == 0 and pa < 1 << platform.max_pa_bits
             and not (seamrr_size and address < seamrr_base + seamrr_size and seamrr_base < address + alignment)
             and pa >> platform.hkid_shift < platform.tdx_keyid_start)
@@ -380,7 +380,7 @@ def mng_init(module: TdxModule, call: _Call) -> int:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
     platform = module.platform
     try:
-        raw = call.memory.read(params_pa & ((1 << platform.hkid_shift) - 1), abi.TD_PARAMS_SIZE)
+        raw = call.memory.read(platform.address_of(params_pa), abi.TD_PARAMS_SIZE)
     except MemoryAccessError as err:
         call.note = str(err)
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
@@ -676,7 +676,7 @@ def mem_page_add(module: TdxModule, call: _Call) -> int:
         return status
     try:
         # The module copies the source into the TD page; keep the TD's view for MR.EXTEND.
-        content = call.memory.read(source & ((1 << module.platform.hkid_shift) - 1), PAGE)
+        content = call.memory.read(module.platform.address_of(source), PAGE)
     except MemoryAccessError as err:
         call.note = str(err)
         return _op(Status.TDX_OPERAND_INVALID, OperandId.R9)
@@ -817,7 +817,7 @@ def mem_page_remove(module: TdxModule, call: _Call) -> int:
 
 def phymem_page_wbinvd(module: TdxModule, call: _Call) -> int:
     # RCX carries the KeyID above the PA bits; the page itself must be free again.
-    pa = call.reg("rcx") & ((1 << module.platform.hkid_shift) - 1)
+    pa = module.platform.address_of(call.reg("rcx"))
     return private_page_status(module, pa, OperandId.RCX, PageType.PT_NDA)
 
 
