@@ -65,16 +65,24 @@ class GlobalMetadata:
     def lookup(self, field_id: int) -> Entry | None:
         return next((entry for entry in self.entries if entry.covers(field_id)), None)
 
+    @functools.cached_property
+    def _element_ids(self) -> tuple[int, ...]:
+        """Every element's id, in table order."""
+        return tuple(entry.element_id(i) for entry in self.entries for i in range(len(entry.values)))
+
+    @functools.cached_property
+    def _next_ids(self) -> dict[int, int]:
+        ids = self._element_ids
+        return dict(zip(ids, (*ids[1:], MD_FIELD_ID_NA), strict=True))
+
     def next_element(self, field_id: int) -> int:
         """The id of the element after ``field_id`` in the table (MD_FIELD_ID_NA after the last);
         for the null id, the first."""
-        ids = [entry.element_id(i) for entry in self.entries for i in range(len(entry.values))]
         if is_null_field_id(field_id):
-            return ids[0]
+            return self._element_ids[0]
         entry = self.lookup(field_id)
         assert entry is not None
-        position = ids.index(entry.element_id((field_id & FIELD_CODE_MASK) - (entry.field_id & FIELD_CODE_MASK)))
-        return ids[position + 1] if position + 1 < len(ids) else MD_FIELD_ID_NA
+        return self._next_ids[entry.element_id((field_id & FIELD_CODE_MASK) - (entry.field_id & FIELD_CODE_MASK))]
 
 
 @functools.lru_cache(maxsize=8)
