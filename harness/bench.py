@@ -36,8 +36,9 @@ from harness import paths
 from harness.launch import Images
 from harness.machine.qemu import QemuMachine
 from harness.seam.abi import Field, Leaf
+from harness.seam.call import SeamcallRequest
 from harness.seam.memory import SparseMemory
-from harness.seam.module import SeamcallRequest, TdxModule
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.seam.trace import REGISTERS, TraceRecord
 

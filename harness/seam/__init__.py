@@ -1,7 +1,8 @@
 """The software TDX module (see docs and design: harness/seam is pure Python, no VM needed)."""
 
+from harness.seam.call import SeamcallRequest, SeamcallResult, Variant
 from harness.seam.faults import FaultPlan, FaultRule
-from harness.seam.module import HelloAck, SeamcallRequest, SeamcallResult, TdxModule, Variant
+from harness.seam.module import HelloAck, TdxModule
 from harness.seam.platform import PlatformConfig
 from harness.seam.trace import Trace, TraceRecord
 

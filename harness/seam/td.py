@@ -8,117 +8,41 @@ Life of a TD, as the module tracks it:
 - TDCS operation state: UNINITIALIZED -TDH.MNG.INIT-> INITIALIZED -TDH.MR.FINALIZE-> RUNNABLE.
 - KeyID (KOT entry): free -> ASSIGNED (TDH.MNG.CREATE) -> FLUSHED (TDH.MNG.VPFLUSHDONE) ->
   free (TDH.MNG.KEY.FREEID, once TDH.PHYMEM.CACHE.WB ran on every package).
-Every page the module takes gets its PAMT type and owner (``TdxModule.assign_page``), so
+Every page the module takes gets its PAMT type and owner (``ModuleState.assign_page``), so
 TDH.PHYMEM.PAGE.RDMD answers the MCE path truthfully, and every page goes back to PT_NDA.
 
-The handlers take the module and the call (see module.py); the check order inside each one is
+The handlers take the module's context and the call (state.py, call.py); the check order inside each one is
 the module's, because the first failing check decides the status KVM sees.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from harness.seam import abi, td_params
 from harness.seam.abi import Leaf, OperandId, PageType, SeptState, Status
+from harness.seam.call import Call
 from harness.seam.measure import MR_EXTEND_CHUNK, MrtdBuilder
 from harness.seam.memory import MemoryAccessError
+from harness.seam.state import (
+    Handler,
+    KeyState,
+    Lifecycle,
+    OpState,
+    Seam,
+    SeptLeaf,
+    Td,
+    Vcpu,
+    VcpuState,
+    WbCacheProgress,
+    private_page_status,
+    shared_page_ok,
+)
 from harness.seam.td_params import CpuidValue, TdParams
 from harness.seam.trace import REGISTERS
 
-if TYPE_CHECKING:
-    from harness.seam.module import TdxModule, _Call
-
 MASK64 = (1 << 64) - 1
 PAGE = abi.SZ_4K
-
-
-class Lifecycle(enum.Enum):
-    HKID_ASSIGNED = "hkid-assigned"
-    KEYS_CONFIGURED = "keys-configured"
-    BLOCKED = "blocked"
-    TEARDOWN = "teardown"
-
-
-class OpState(enum.IntEnum):
-    UNINITIALIZED = 0
-    INITIALIZED = 1
-    RUNNABLE = 2
-
-
-class KeyState(enum.Enum):
-    """A KOT entry that is not free (free KeyIDs are simply absent)."""
-
-    ASSIGNED = "assigned"
-    FLUSHED = "flushed"
-
-
-class VcpuState(enum.Enum):
-    UNINITIALIZED = "uninitialized"
-    READY = "ready"
-
-
-@dataclass
-class SeptLeaf:
-    pa: int
-    state: SeptState
-    bepoch: int = 0  # TD epoch when the entry was blocked
-
-
-@dataclass
-class Vcpu:
-    tdvpr: int
-    tdr: int
-    tdcx: list[int] = field(default_factory=list)
-    state: VcpuState = VcpuState.UNINITIALIZED
-    assoc_cpu: int | None = None  # the LP the vCPU is associated with (VMCS loaded there)
-    x2apic_id: int | None = None
-    initial_rcx: int = 0
-    fields: dict[tuple[bool, int, int], int] = field(default_factory=dict)
-    last_exit: abi.ExitReason | None = None  # the exit the last TDH.VP.ENTER reported
-
-
-@dataclass
-class Td:
-    tdr: int
-    hkid: int
-    lifecycle: Lifecycle = Lifecycle.HKID_ASSIGNED
-    keyed_packages: set[int] = field(default_factory=set)
-    tdcx: list[int] = field(default_factory=list)
-    op_state: OpState = OpState.UNINITIALIZED
-    params: TdParams | None = None
-    chldcnt: int = 0  # pages the TD owns besides its TDR
-    vcpus: list[int] = field(default_factory=list)  # TDVPR PAs, by VP.INIT index
-    num_assoc_vcpus: int = 0
-    epoch: int = 1
-    sept: dict[tuple[int, int], int] = field(default_factory=dict)  # (level, index) -> S-EPT page
-    leaves: dict[int, SeptLeaf] = field(default_factory=dict)  # 4K GPA -> leaf entry
-    contents: dict[int, bytes] = field(default_factory=dict)  # 4K GPA -> page as the TD sees it
-    measurement: MrtdBuilder = field(default_factory=MrtdBuilder)
-    mrtd: bytes = bytes(48)
-    tsc_offset: int = 0
-    tsc_multiplier: int = 0
-    cpuid: dict[tuple[int, int], CpuidValue] = field(default_factory=dict)
-
-    @property
-    def root_level(self) -> int:
-        """Level of the S-EPT root (a TDCS page): 3 for 4-level EPT, 4 for 5-level."""
-        return (self.params.ept_levels if self.params else 4) - 1
-
-    def private_gpa(self, gpa: int) -> bool:
-        width = 52 if self.params is not None and self.params.gpaw else 48
-        return gpa < 1 << width and not gpa & (1 << (width - 1))
-
-
-@dataclass
-class WbCacheProgress:
-    """A TDH.PHYMEM.CACHE.WB in progress on one package (the interruption point)."""
-
-    hkids: frozenset[int]
-    chunks_done: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,8 +91,6 @@ _OP_STATES: dict[int, frozenset[OpState]] = {
     Leaf.TDH_VP_ENTER: frozenset({_RUN}),
 }
 
-Handler = Callable[["TdxModule", "_Call"], int]
-
 
 def _op(status: Status, operand: OperandId) -> int:
     return abi.with_operand(status, operand)
@@ -177,77 +99,53 @@ def _op(status: Status, operand: OperandId) -> int:
 # --- operand checks shared by the leaves ----------------------------------------------------------
 
 
-def private_page_status(module: TdxModule, pa: int, operand: OperandId, expected: PageType) -> int:
-    """check_and_lock_explicit_4k_private_hpa(): aligned, no KeyID bits, inside an initialized
-    1 GiB block of a TDMR, and the PAMT says ``expected``."""
-    if pa % PAGE or pa >= module.platform.max_pa:
-        return _op(Status.TDX_OPERAND_INVALID, operand)
-    tdmr = module._tdmr_of(pa)
-    if tdmr is None or pa >= tdmr.ready_end:
-        return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, operand)
-    if module.page_type(pa) != expected:
-        return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand)
-    return 0
-
-
-def shared_page_ok(module: TdxModule, pa: int, alignment: int) -> bool:
-    """shared_hpa_check_with_pwr_2_alignment() (src/common/helpers/helpers.c): aligned, below
-    2^MAXPA, outside SEAMRR, and a shared KeyID (0 or MKTME) in the HKID bits."""
-    platform = module.platform
-    seamrr_base, seamrr_size = platform.seamrr
-    address = platform.address_of(pa)
-    return (pa % alignment == 0 and pa < 1 << platform.max_pa_bits
-            and not (seamrr_size and address < seamrr_base + seamrr_size and seamrr_base < address + alignment)
-            and pa >> platform.hkid_shift < platform.tdx_keyid_start)
-
-
-def _explicit_tdr(module: TdxModule, call: _Call, reg: str, operand: OperandId) -> tuple[int, Td | None]:
+def _explicit_tdr(seam: Seam, call: Call, reg: str, operand: OperandId) -> tuple[int, Td | None]:
     pa = call.reg(reg)
-    status = private_page_status(module, pa, operand, PageType.PT_TDR)
+    status = private_page_status(seam, pa, operand, PageType.PT_TDR)
     if status:
         return status, None
-    td = module.state.tds.get(pa)
+    td = seam.state.tds.get(pa)
     if td is None:
         call.note = "PT_TDR page without TD state in the model"
         return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand), None
     return 0, td
 
 
-def _explicit_vcpu(module: TdxModule, call: _Call, reg: str, operand: OperandId) -> tuple[int, Vcpu | None, Td | None]:
+def _explicit_vcpu(seam: Seam, call: Call, reg: str, operand: OperandId) -> tuple[int, Vcpu | None, Td | None]:
     pa = call.reg(reg)
-    status = private_page_status(module, pa, operand, PageType.PT_TDVPR)
+    status = private_page_status(seam, pa, operand, PageType.PT_TDVPR)
     if status:
         return status, None, None
-    vcpu = module.state.vcpus.get(pa)
+    vcpu = seam.state.vcpus.get(pa)
     if vcpu is None:
         call.note = "PT_TDVPR page without vCPU state in the model"
         return _op(Status.TDX_PAGE_METADATA_INCORRECT, operand), None, None
-    return 0, vcpu, module.state.tds[vcpu.tdr]
+    return 0, vcpu, seam.state.tds[vcpu.tdr]
 
 
-def _built_vcpu(module: TdxModule, call: _Call, reg: str, operand: OperandId,
+def _built_vcpu(seam: Seam, call: Call, reg: str, operand: OperandId,
                 leaf: Leaf) -> tuple[int, Vcpu | None, Td | None]:
     """The vCPU named by ``reg`` and its TD, if the TD's state allows ``leaf`` (_build_state)."""
-    status, vcpu, td = _explicit_vcpu(module, call, reg, operand)
+    status, vcpu, td = _explicit_vcpu(seam, call, reg, operand)
     if vcpu is None or td is None:
         return status, None, None
-    status = _build_state(module, td, leaf)
+    status = _build_state(seam, td, leaf)
     return (status, None, None) if status else (0, vcpu, td)
 
 
-def _build_state(module: TdxModule, td: Td, leaf: Leaf) -> int:
+def _build_state(seam: Seam, td: Td, leaf: Leaf) -> int:
     """check_state_map_tdcs_and_lock(): keys configured, TDCS complete, OP_STATE allows ``leaf``."""
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
-    if len(td.tdcx) < module.platform.tdcs_pages:
+    if len(td.tdcx) < seam.platform.tdcs_pages:
         return Status.TDX_TDCS_NOT_ALLOCATED
     if td.op_state not in _OP_STATES[leaf]:
         return Status.TDX_OP_STATE_INCORRECT
     return 0
 
 
-def _take_page(module: TdxModule, td: Td, pa: int, page_type: PageType) -> None:
-    module.assign_page(pa, page_type, owner=td.tdr)
+def _take_page(seam: Seam, td: Td, pa: int, page_type: PageType) -> None:
+    seam.state.assign_page(pa, page_type, owner=td.tdr)
     td.chldcnt += 1
 
 
@@ -286,7 +184,7 @@ def _entry(td: Td, gpa: int, level: int) -> tuple[SeptState, int]:
     return SeptState.MAPPED, table | abi.SEPTE_RWX
 
 
-def _sept_details(call: _Call, td: Td, gpa: int, level: int) -> None:
+def _sept_details(call: Call, td: Td, gpa: int, level: int) -> None:
     """set_arch_septe_details_in_vmm_regs(): RCX = the entry, RDX = level and state."""
     state, value = _entry(td, gpa, level)
     call.outputs.update(rcx=value, rdx=level | (int(state) << abi.SEPT_STATE_SHIFT))
@@ -304,25 +202,25 @@ def _page_info(rcx: int, min_level: int, max_level: int) -> tuple[int, int] | No
 # --- TD creation -------------------------------------------------------------------------------------
 
 
-def mng_create(module: TdxModule, call: _Call) -> int:
+def mng_create(seam: Seam, call: Call) -> int:
     hkid_input = call.reg("rdx")
     hkid = hkid_input & abi.HKID_MASK
-    if hkid_input & ~abi.HKID_MASK or hkid not in module.platform.tdx_keyids:
+    if hkid_input & ~abi.HKID_MASK or hkid not in seam.platform.tdx_keyids:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
     tdr = call.reg("rcx")
-    status = private_page_status(module, tdr, OperandId.RCX, PageType.PT_NDA)
+    status = private_page_status(seam, tdr, OperandId.RCX, PageType.PT_NDA)
     if status:
         return status
-    if hkid in module.state.kot:
+    if hkid in seam.state.kot:
         return Status.TDX_HKID_NOT_FREE
-    module.state.kot[hkid] = KeyState.ASSIGNED
-    module.state.tds[tdr] = Td(tdr=tdr, hkid=hkid)
-    module.assign_page(tdr, PageType.PT_TDR)
+    seam.state.kot[hkid] = KeyState.ASSIGNED
+    seam.state.tds[tdr] = Td(tdr=tdr, hkid=hkid)
+    seam.state.assign_page(tdr, PageType.PT_TDR)
     return 0
 
 
-def mng_key_config(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+def mng_key_config(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
     if td.lifecycle is not Lifecycle.HKID_ASSIGNED:
@@ -331,25 +229,25 @@ def mng_key_config(module: TdxModule, call: _Call) -> int:
     if call.package in td.keyed_packages:
         return Status.TDX_KEY_CONFIGURED
     td.keyed_packages.add(call.package)
-    if td.keyed_packages == set(module.platform.packages):
+    if td.keyed_packages == set(seam.platform.packages):
         td.lifecycle = Lifecycle.KEYS_CONFIGURED
     return 0
 
 
-def mng_addcx(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+def mng_addcx(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
     # tdh_mng_add_cx.c: up to MAX_NUM_TDCS_PAGES; a page past the minimum (room for L2 VMs) is
     # taken only while OP_STATE, which lives in the TDCS, still allows it.
-    after_minimum = len(td.tdcx) >= module.platform.tdcs_pages
-    return _add_control_page(module, call, td, td.tdcx, abi.MAX_NUM_TDCS_PAGES,
+    after_minimum = len(td.tdcx) >= seam.platform.tdcs_pages
+    return _add_control_page(seam, call, td, td.tdcx, abi.MAX_NUM_TDCS_PAGES,
                              Leaf.TDH_MNG_ADDCX if after_minimum else None)
 
 
-def _add_control_page(module: TdxModule, call: _Call, td: Td, pages: list[int], limit: int,
+def _add_control_page(seam: Seam, call: Call, td: Td, pages: list[int], limit: int,
                       op_state_leaf: Leaf | None = None) -> int:
     """TDH.MNG.ADDCX / TDH.VP.ADDCX: the page in RCX becomes the next of ``pages`` (the TD's or
     a vCPU's control structure pages, at most ``limit``), a PT_TDCX page of ``td``; with
@@ -357,28 +255,28 @@ def _add_control_page(module: TdxModule, call: _Call, td: Td, pages: list[int], 
     if len(pages) >= limit:
         return Status.TDX_TDCX_NUM_INCORRECT
     page = call.reg("rcx")
-    status = private_page_status(module, page, OperandId.RCX, PageType.PT_NDA)
+    status = private_page_status(seam, page, OperandId.RCX, PageType.PT_NDA)
     if status:
         return status
     if op_state_leaf is not None and td.op_state not in _OP_STATES[op_state_leaf]:
         return Status.TDX_OP_STATE_INCORRECT
     pages.append(page)
-    _take_page(module, td, page, PageType.PT_TDCX)
+    _take_page(seam, td, page, PageType.PT_TDCX)
     return 0
 
 
-def mng_init(module: TdxModule, call: _Call) -> int:
+def mng_init(seam: Seam, call: Call) -> int:
     call.outputs["rcx"] = 0  # no extended error unless a CPUID leaf is refused
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MNG_INIT)
+    status = _build_state(seam, td, Leaf.TDH_MNG_INIT)
     if status:
         return status
     params_pa = call.reg("rdx")
-    if not shared_page_ok(module, params_pa, abi.TD_PARAMS_ALIGN):
+    if not shared_page_ok(seam, params_pa, abi.TD_PARAMS_ALIGN):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RDX)
-    platform = module.platform
+    platform = seam.platform
     try:
         raw = call.memory.read(platform.address_of(params_pa), abi.TD_PARAMS_SIZE)
     except MemoryAccessError as err:
@@ -393,18 +291,18 @@ def mng_init(module: TdxModule, call: _Call) -> int:
     td.epoch = 1
     td.measurement = MrtdBuilder()
     td.tsc_multiplier = (params.tsc_frequency * 25_000_000 << 48) // platform.tsc_frequency_hz
-    native_tsc = int(module.trace.now() * platform.tsc_frequency_hz)
+    native_tsc = int(seam.clock() * platform.tsc_frequency_hz)
     td.tsc_offset = -(native_tsc * td.tsc_multiplier >> 48) & MASK64  # virtual TSC starts at 0
-    td.cpuid = _td_cpuid(module, params)
+    td.cpuid = _td_cpuid(seam, params)
     td.op_state = OpState.INITIALIZED
     return 0
 
 
-def _td_cpuid(module: TdxModule, params: TdParams) -> dict[tuple[int, int], CpuidValue]:
+def _td_cpuid(seam: Seam, params: TdParams) -> dict[tuple[int, int], CpuidValue]:
     """The TD's virtual CPUID as far as the model knows it: the configured values, and leaves
     0 and 0x80000000 giving the highest configured leaf of each range."""
     values = {(c.leaf, 0 if c.subleaf == abi.CPUID_NO_SUBLEAF else c.subleaf): v
-              for c, v in zip(module.platform.cpuid_config, params.cpuid_values)}
+              for c, v in zip(seam.platform.cpuid_config, params.cpuid_values)}
     basic = [leaf for leaf, _ in values if leaf < 0x80000000]
     extended = [leaf for leaf, _ in values if leaf >= 0x80000000]
     values.setdefault((0, 0), CpuidValue(eax=max(basic, default=0)))
@@ -415,44 +313,44 @@ def _td_cpuid(module: TdxModule, params: TdParams) -> dict[tuple[int, int], Cpui
 # --- vCPUs --------------------------------------------------------------------------------------------
 
 
-def vp_create(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+def vp_create(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_VP_CREATE)
+    status = _build_state(seam, td, Leaf.TDH_VP_CREATE)
     if status:
         return status
     tdvpr = call.reg("rcx")
-    status = private_page_status(module, tdvpr, OperandId.RCX, PageType.PT_NDA)
+    status = private_page_status(seam, tdvpr, OperandId.RCX, PageType.PT_NDA)
     if status:
         return status
-    module.state.vcpus[tdvpr] = Vcpu(tdvpr=tdvpr, tdr=td.tdr)
-    _take_page(module, td, tdvpr, PageType.PT_TDVPR)
+    seam.state.vcpus[tdvpr] = Vcpu(tdvpr=tdvpr, tdr=td.tdr)
+    _take_page(seam, td, tdvpr, PageType.PT_TDVPR)
     return 0
 
 
-def vp_addcx(module: TdxModule, call: _Call) -> int:
-    status, vcpu, td = _built_vcpu(module, call, "rdx", OperandId.RDX, Leaf.TDH_VP_ADDCX)
+def vp_addcx(seam: Seam, call: Call) -> int:
+    status, vcpu, td = _built_vcpu(seam, call, "rdx", OperandId.RDX, Leaf.TDH_VP_ADDCX)
     if vcpu is None or td is None:
         return status
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
     # tdh_vp_addcx.c: up to MAX_TDVPS_PAGES with the TDVPR (the extra ones serve L2 VMs).
-    return _add_control_page(module, call, td, vcpu.tdcx, abi.MAX_TDVPS_PAGES - 1)
+    return _add_control_page(seam, call, td, vcpu.tdcx, abi.MAX_TDVPS_PAGES - 1)
 
 
-def tdcx_needed(module: TdxModule, td: Td) -> int:
+def tdcx_needed(seam: Seam, td: Td) -> int:
     """TDCX pages a vCPU of ``td`` needs besides its TDVPR (map_tdvps(): its L2 VMs included)."""
     l2_vms = td.params.num_l2_vms if td.params is not None else 0
-    return module.platform.tdcx_pages + abi.TDVPS_PAGES_PER_L2_VM * l2_vms
+    return seam.platform.tdcx_pages + abi.TDVPS_PAGES_PER_L2_VM * l2_vms
 
 
-def vp_init(module: TdxModule, call: _Call) -> int:
+def vp_init(seam: Seam, call: Call) -> int:
     version = (call.request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
-    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_INIT)
+    status, vcpu, td = _built_vcpu(seam, call, "rcx", OperandId.RCX, Leaf.TDH_VP_INIT)
     if vcpu is None or td is None:
         return status
-    if len(vcpu.tdcx) < tdcx_needed(module, td):
+    if len(vcpu.tdcx) < tdcx_needed(seam, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     if vcpu.state is not VcpuState.UNINITIALIZED:
         return Status.TDX_VCPU_STATE_INCORRECT
@@ -464,7 +362,7 @@ def vp_init(module: TdxModule, call: _Call) -> int:
         x2apic_id = call.reg("r8")
         if x2apic_id >> 32:
             return _op(Status.TDX_OPERAND_INVALID, OperandId.R8)
-        taken = [module.state.vcpus[pa].x2apic_id for pa in td.vcpus]
+        taken = [seam.state.vcpus[pa].x2apic_id for pa in td.vcpus]
         if x2apic_id in taken:
             return int(Status.TDX_X2APIC_ID_NOT_UNIQUE) | x2apic_id
         vcpu.x2apic_id = x2apic_id
@@ -494,12 +392,12 @@ def _field_key(fid: int) -> tuple[bool, int, int] | None:
     return bool(fid & abi.FIELD_NON_ARCH), cls, fid & abi.FIELD_CODE_MASK
 
 
-def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
+def _vp_rd_wr(seam: Seam, call: Call, write: bool) -> int:
     call.outputs["r8"] = 0
-    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
+    status, vcpu, td = _built_vcpu(seam, call, "rcx", OperandId.RCX, Leaf.TDH_VP_WR if write else Leaf.TDH_VP_RD)
     if vcpu is None or td is None:
         return status
-    if len(vcpu.tdcx) < tdcx_needed(module, td):
+    if len(vcpu.tdcx) < tdcx_needed(seam, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     status = _associate(td, vcpu, call.request.cpu)
     if status:
@@ -520,11 +418,11 @@ def _vp_rd_wr(module: TdxModule, call: _Call, write: bool) -> int:
     return 0
 
 
-def vp_enter(module: TdxModule, call: _Call) -> int:
+def vp_enter(seam: Seam, call: Call) -> int:
     """TDH.VP.ENTER: the checks of the real leaf, then the next scripted exit instead of running
     guest code. Every register comes back (KVM reads the TDVMCALL's from R10-R15): the ones the
     exit does not set are cleared, as the module clears what it does not expose."""
-    status, vcpu, td = _built_vcpu(module, call, "rcx", OperandId.RCX, Leaf.TDH_VP_ENTER)
+    status, vcpu, td = _built_vcpu(seam, call, "rcx", OperandId.RCX, Leaf.TDH_VP_ENTER)
     if vcpu is None or td is None:
         return status
     if vcpu.state is not VcpuState.READY:
@@ -533,7 +431,7 @@ def vp_enter(module: TdxModule, call: _Call) -> int:
     if status:
         return status
     answered = _tdvmcall_answer(vcpu, call)
-    exit_ = module.exits.next()
+    exit_ = seam.exits.next()
     call.outputs.update(dict.fromkeys(REGISTERS, 0))
     call.outputs.update(exit_.regs)
     details = vcpu.fields.get(_STATE_DETAILS, 0) & ~abi.VCPU_STATE_DETAILS_INTR_PENDING  # delivered
@@ -543,27 +441,27 @@ def vp_enter(module: TdxModule, call: _Call) -> int:
     return Status.TDX_SUCCESS | exit_.reason
 
 
-def _tdvmcall_answer(vcpu: Vcpu, call: _Call) -> str:
+def _tdvmcall_answer(vcpu: Vcpu, call: Call) -> str:
     """What the VMM answered to the vCPU's previous TDVMCALL (R10 status, R11 value), for the trace."""
     if vcpu.last_exit is not abi.ExitReason.TDCALL:
         return ""
     return f"TDVMCALL answered R10={call.reg('r10'):#x} R11={call.reg('r11'):#x}; "
 
 
-def vp_rd(module: TdxModule, call: _Call) -> int:
-    return _vp_rd_wr(module, call, write=False)
+def vp_rd(seam: Seam, call: Call) -> int:
+    return _vp_rd_wr(seam, call, write=False)
 
 
-def vp_wr(module: TdxModule, call: _Call) -> int:
-    return _vp_rd_wr(module, call, write=True)
+def vp_wr(seam: Seam, call: Call) -> int:
+    return _vp_rd_wr(seam, call, write=True)
 
 
-def mng_rd(module: TdxModule, call: _Call) -> int:
+def mng_rd(seam: Seam, call: Call) -> int:
     call.outputs["r8"] = 0
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MNG_RD)
+    status = _build_state(seam, td, Leaf.TDH_MNG_RD)
     if status:
         return status
     key = _field_key(call.reg("rdx"))
@@ -611,12 +509,12 @@ def _cpuid_field(td: Td, code: int) -> int | None:
 # --- memory: S-EPT pages, private pages, measurement ------------------------------------------------
 
 
-def mem_sept_add(module: TdxModule, call: _Call) -> int:
+def mem_sept_add(seam: Seam, call: Call) -> int:
     call.outputs.update(rcx=0, rdx=0)
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MEM_SEPT_ADD)
+    status = _build_state(seam, td, Leaf.TDH_MEM_SEPT_ADD)
     if status:
         return status
     info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PD, td.root_level)
@@ -631,18 +529,18 @@ def mem_sept_add(module: TdxModule, call: _Call) -> int:
         _sept_details(call, td, gpa, level)
         return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX)
     page = call.reg("r8")
-    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    status = private_page_status(seam, page, OperandId.R8, PageType.PT_NDA)
     if status:
         return status
     td.sept[_table_key(level - 1, gpa)] = page
-    _take_page(module, td, page, PageType.PT_EPT)
+    _take_page(seam, td, page, PageType.PT_EPT)
     return 0
 
 
-def _leaf_target(module: TdxModule, call: _Call, td: Td, leaf: Leaf) -> tuple[int, int]:
+def _leaf_target(seam: Seam, call: Call, td: Td, leaf: Leaf) -> tuple[int, int]:
     """Common start of PAGE.ADD/AUG: state, a 4K private GPA, an S-EPT path to a FREE entry.
     Returns (status, gpa)."""
-    status = _build_state(module, td, leaf)
+    status = _build_state(seam, td, leaf)
     if status:
         return status, 0
     info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PT)
@@ -659,58 +557,58 @@ def _leaf_target(module: TdxModule, call: _Call, td: Td, leaf: Leaf) -> tuple[in
     return 0, gpa
 
 
-def mem_page_add(module: TdxModule, call: _Call) -> int:
+def mem_page_add(seam: Seam, call: Call) -> int:
     call.outputs.update(rcx=0, rdx=0)
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
-    status, gpa = _leaf_target(module, call, td, Leaf.TDH_MEM_PAGE_ADD)
+    status, gpa = _leaf_target(seam, call, td, Leaf.TDH_MEM_PAGE_ADD)
     if status:
         return status
     source = call.reg("r9")
-    if not shared_page_ok(module, source, PAGE):
+    if not shared_page_ok(seam, source, PAGE):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.R9)
     page = call.reg("r8")
-    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    status = private_page_status(seam, page, OperandId.R8, PageType.PT_NDA)
     if status:
         return status
     try:
         # The module copies the source into the TD page; keep the TD's view for MR.EXTEND.
-        content = call.memory.read(module.platform.address_of(source), PAGE)
+        content = call.memory.read(seam.platform.address_of(source), PAGE)
     except MemoryAccessError as err:
         call.note = str(err)
         return _op(Status.TDX_OPERAND_INVALID, OperandId.R9)
     td.leaves[gpa] = SeptLeaf(page, SeptState.MAPPED)
     td.contents[gpa] = content
     td.measurement.page_add(gpa)
-    _take_page(module, td, page, PageType.PT_REG)
+    _take_page(seam, td, page, PageType.PT_REG)
     return 0
 
 
-def mem_page_aug(module: TdxModule, call: _Call) -> int:
+def mem_page_aug(seam: Seam, call: Call) -> int:
     call.outputs.update(rcx=0, rdx=0)
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
-    status, gpa = _leaf_target(module, call, td, Leaf.TDH_MEM_PAGE_AUG)
+    status, gpa = _leaf_target(seam, call, td, Leaf.TDH_MEM_PAGE_AUG)
     if status:
         return status
     page = call.reg("r8")
-    status = private_page_status(module, page, OperandId.R8, PageType.PT_NDA)
+    status = private_page_status(seam, page, OperandId.R8, PageType.PT_NDA)
     if status:
         return status
     # The guest must TDG.MEM.PAGE.ACCEPT it before use: the entry is PENDING until then.
     td.leaves[gpa] = SeptLeaf(page, SeptState.PENDING)
     td.contents[gpa] = bytes(PAGE)
-    _take_page(module, td, page, PageType.PT_REG)
+    _take_page(seam, td, page, PageType.PT_REG)
     return 0
 
 
-def mr_extend(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+def mr_extend(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MR_EXTEND)
+    status = _build_state(seam, td, Leaf.TDH_MR_EXTEND)
     if status:
         return status
     gpa = call.reg("rcx")
@@ -726,11 +624,11 @@ def mr_extend(module: TdxModule, call: _Call) -> int:
     return 0
 
 
-def mr_finalize(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+def mr_finalize(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MR_FINALIZE)
+    status = _build_state(seam, td, Leaf.TDH_MR_FINALIZE)
     if status:
         return status
     if not td.vcpus:
@@ -744,13 +642,13 @@ def mr_finalize(module: TdxModule, call: _Call) -> int:
 # --- removing private pages (the S-EPT zap path) ------------------------------------------------------
 
 
-def _leaf_to_zap(module: TdxModule, call: _Call, leaf_fn: Leaf) -> tuple[int, Td | None, int]:
+def _leaf_to_zap(seam: Seam, call: Call, leaf_fn: Leaf) -> tuple[int, Td | None, int]:
     """Common start of RANGE.BLOCK and PAGE.REMOVE. Returns (status, td, gpa)."""
     call.outputs.update(rcx=0, rdx=0)
-    status, td = _explicit_tdr(module, call, "rdx", OperandId.RDX)
+    status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status, None, 0
-    status = _build_state(module, td, leaf_fn)
+    status = _build_state(seam, td, leaf_fn)
     if status:
         return status, None, 0
     info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PDPT)
@@ -770,8 +668,8 @@ def _leaf_to_zap(module: TdxModule, call: _Call, leaf_fn: Leaf) -> tuple[int, Td
     return 0, td, gpa
 
 
-def mem_range_block(module: TdxModule, call: _Call) -> int:
-    status, td, gpa = _leaf_to_zap(module, call, Leaf.TDH_MEM_RANGE_BLOCK)
+def mem_range_block(seam: Seam, call: Call) -> int:
+    status, td, gpa = _leaf_to_zap(seam, call, Leaf.TDH_MEM_RANGE_BLOCK)
     if td is None:
         return status
     leaf = td.leaves[gpa]
@@ -782,11 +680,11 @@ def mem_range_block(module: TdxModule, call: _Call) -> int:
     return 0
 
 
-def mem_track(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+def mem_track(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
-    status = _build_state(module, td, Leaf.TDH_MEM_TRACK)
+    status = _build_state(seam, td, Leaf.TDH_MEM_TRACK)
     if status:
         return status
     # No vCPU runs in the model, so the previous epoch never has references left.
@@ -794,8 +692,8 @@ def mem_track(module: TdxModule, call: _Call) -> int:
     return 0
 
 
-def mem_page_remove(module: TdxModule, call: _Call) -> int:
-    status, td, gpa = _leaf_to_zap(module, call, Leaf.TDH_MEM_PAGE_REMOVE)
+def mem_page_remove(seam: Seam, call: Call) -> int:
+    status, td, gpa = _leaf_to_zap(seam, call, Leaf.TDH_MEM_PAGE_REMOVE)
     if td is None:
         return status
     leaf = td.leaves[gpa]
@@ -809,28 +707,28 @@ def mem_page_remove(module: TdxModule, call: _Call) -> int:
             return _op(Status.TDX_TLB_TRACKING_NOT_DONE, OperandId.RCX)
     del td.leaves[gpa]
     td.contents.pop(gpa, None)
-    module.free_page(leaf.pa)
+    seam.state.free_page(leaf.pa)
     td.chldcnt -= 1
     call.outputs["rcx"] = leaf.pa
     return 0
 
 
-def phymem_page_wbinvd(module: TdxModule, call: _Call) -> int:
+def phymem_page_wbinvd(seam: Seam, call: Call) -> int:
     # RCX carries the KeyID above the PA bits; the page itself must be free again.
-    pa = module.platform.address_of(call.reg("rcx"))
-    return private_page_status(module, pa, OperandId.RCX, PageType.PT_NDA)
+    pa = seam.platform.address_of(call.reg("rcx"))
+    return private_page_status(seam, pa, OperandId.RCX, PageType.PT_NDA)
 
 
 # --- teardown -------------------------------------------------------------------------------------------
 
 
-def vp_flush(module: TdxModule, call: _Call) -> int:
-    status, vcpu, td = _explicit_vcpu(module, call, "rcx", OperandId.RCX)
+def vp_flush(seam: Seam, call: Call) -> int:
+    status, vcpu, td = _explicit_vcpu(seam, call, "rcx", OperandId.RCX)
     if vcpu is None or td is None:
         return status
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
-    if len(vcpu.tdcx) < tdcx_needed(module, td):
+    if len(vcpu.tdcx) < tdcx_needed(seam, td):
         return Status.TDX_TDCX_NUM_INCORRECT
     if vcpu.assoc_cpu != call.request.cpu:
         return Status.TDX_VCPU_NOT_ASSOCIATED
@@ -839,74 +737,74 @@ def vp_flush(module: TdxModule, call: _Call) -> int:
     return 0
 
 
-def mng_vpflushdone(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+def mng_vpflushdone(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
     if td.lifecycle not in (Lifecycle.HKID_ASSIGNED, Lifecycle.KEYS_CONFIGURED):
         return Status.TDX_LIFECYCLE_STATE_INCORRECT
-    if (len(td.tdcx) >= module.platform.tdcs_pages and td.op_state is not OpState.UNINITIALIZED
+    if (len(td.tdcx) >= seam.platform.tdcs_pages and td.op_state is not OpState.UNINITIALIZED
             and td.num_assoc_vcpus):
         call.note = f"{td.num_assoc_vcpus} vCPU(s) still associated"
         return Status.TDX_FLUSHVP_NOT_DONE
     # From now on no LP uses the KeyID; every package must write back its caches for it.
-    module.state.wbinvd_pending[td.hkid] = set(module.platform.packages)
-    module.state.kot[td.hkid] = KeyState.FLUSHED
+    seam.state.wbinvd_pending[td.hkid] = set(seam.platform.packages)
+    seam.state.kot[td.hkid] = KeyState.FLUSHED
     td.lifecycle = Lifecycle.BLOCKED
     return 0
 
 
-def phymem_cache_wb(module: TdxModule, call: _Call) -> int:
+def phymem_cache_wb(seam: Seam, call: Call) -> int:
     cmd = call.reg("rcx")
     if cmd > abi.TDH_PHYMEM_CACHEWB_RESUME_CMD:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     assert call.package is not None
-    progress = module.state.wbcache.get(call.package)
+    progress = seam.state.wbcache.get(call.package)
     if cmd == abi.TDH_PHYMEM_CACHEWB_START_CMD:
-        flushed = frozenset(h for h, s in module.state.kot.items() if s is KeyState.FLUSHED)
+        flushed = frozenset(h for h, s in seam.state.kot.items() if s is KeyState.FLUSHED)
         if not flushed:
-            module.state.wbcache.pop(call.package, None)
+            seam.state.wbcache.pop(call.package, None)
             return Status.TDX_NO_HKID_READY_TO_WBCACHE
-        progress = module.state.wbcache[call.package] = WbCacheProgress(flushed)
+        progress = seam.state.wbcache[call.package] = WbCacheProgress(flushed)
     elif progress is None or not progress.chunks_done:
         return Status.TDX_WBCACHE_RESUME_ERROR
     progress.chunks_done += 1
-    if progress.chunks_done < module.platform.cache_wb_chunks:
+    if progress.chunks_done < seam.platform.cache_wb_chunks:
         return Status.TDX_INTERRUPTED_RESUMABLE
-    del module.state.wbcache[call.package]
+    del seam.state.wbcache[call.package]
     for hkid in progress.hkids:
-        module.state.wbinvd_pending.get(hkid, set()).discard(call.package)
+        seam.state.wbinvd_pending.get(hkid, set()).discard(call.package)
     return 0
 
 
-def mng_key_freeid(module: TdxModule, call: _Call) -> int:
-    status, td = _explicit_tdr(module, call, "rcx", OperandId.RCX)
+def mng_key_freeid(seam: Seam, call: Call) -> int:
+    status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
     if td.lifecycle is not Lifecycle.BLOCKED:
         return Status.TDX_LIFECYCLE_STATE_INCORRECT
-    if module.state.wbinvd_pending.get(td.hkid):
-        call.note = f"packages {sorted(module.state.wbinvd_pending[td.hkid])} not written back"
+    if seam.state.wbinvd_pending.get(td.hkid):
+        call.note = f"packages {sorted(seam.state.wbinvd_pending[td.hkid])} not written back"
         return Status.TDX_WBCACHE_NOT_COMPLETE
-    module.state.wbinvd_pending.pop(td.hkid, None)
-    del module.state.kot[td.hkid]
+    seam.state.wbinvd_pending.pop(td.hkid, None)
+    del seam.state.kot[td.hkid]
     td.lifecycle = Lifecycle.TEARDOWN
     return 0
 
 
-def phymem_page_reclaim(module: TdxModule, call: _Call) -> int:
+def phymem_page_reclaim(seam: Seam, call: Call) -> int:
     call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0)
     pa = call.reg("rcx")
-    if pa % PAGE or pa >= module.platform.max_pa:
+    if pa % PAGE or pa >= seam.platform.max_pa:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
-    tdmr = module._tdmr_of(pa)
+    tdmr = seam.state.tdmr_of(pa)
     if tdmr is None or pa >= tdmr.ready_end:
         return _op(Status.TDX_OPERAND_ADDR_RANGE_ERROR, OperandId.RCX)
-    owner = module.state.pages.get(pa >> 12)
+    owner = seam.state.pages.get(pa >> 12)
     if owner is None or owner.page_type in (PageType.PT_NDA, PageType.PT_RSVD):
         return _op(Status.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
     call.outputs.update(rcx=int(owner.page_type), rdx=owner.owner, r8=int(abi.PageSize.PT_4KB))
-    td = module.state.tds.get(pa if owner.page_type is PageType.PT_TDR else owner.owner)
+    td = seam.state.tds.get(pa if owner.page_type is PageType.PT_TDR else owner.owner)
     if td is None:
         call.note = "page typed by hand (assign_page) without TD state in the model"
         return _op(Status.TDX_PAGE_METADATA_INCORRECT, OperandId.RCX)
@@ -916,20 +814,20 @@ def phymem_page_reclaim(module: TdxModule, call: _Call) -> int:
         if td.chldcnt:
             call.note = f"TD still owns {td.chldcnt} page(s)"
             return Status.TDX_TD_ASSOCIATED_PAGES_EXIST
-        del module.state.tds[pa]
+        del seam.state.tds[pa]
     else:
         if td.lifecycle is not Lifecycle.TEARDOWN:
             return Status.TDX_LIFECYCLE_STATE_INCORRECT
-        _forget_page(module, td, pa, owner.page_type)
+        _forget_page(seam, td, pa, owner.page_type)
         td.chldcnt -= 1
-    module.free_page(pa)
+    seam.state.free_page(pa)
     return 0
 
 
-def _forget_page(module: TdxModule, td: Td, pa: int, page_type: PageType) -> None:
+def _forget_page(seam: Seam, td: Td, pa: int, page_type: PageType) -> None:
     """Drop the module's bookkeeping of a reclaimed TD page."""
     if page_type is PageType.PT_TDVPR:
-        module.state.vcpus.pop(pa, None)
+        seam.state.vcpus.pop(pa, None)
     elif page_type is PageType.PT_EPT:
         td.sept = {key: page for key, page in td.sept.items() if page != pa}
     elif page_type is PageType.PT_REG:

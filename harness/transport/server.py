@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.deadline import Deadline
+from harness.seam.call import SeamcallRequest, Variant
 from harness.seam.memory import MemoryAccessError
-from harness.seam.module import SeamcallRequest, TdxModule, Variant
+from harness.seam.module import TdxModule
 from harness.transport.errors import ChannelClosed, FramingError, ProtocolError, TransportError, TransportTimeout
 from harness.transport.frames import (
     MAX_MEM_CHUNK,

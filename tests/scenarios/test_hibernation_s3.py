@@ -22,7 +22,7 @@ from harness.machine.qemu import BASE_APPEND, QemuConfig
 from harness.machine.transitions import SetCpu, Suspend, run_steps
 from harness.observe import patterns
 from harness.seam.abi import Leaf
-from harness.seam.module import SysState
+from harness.seam.state import SysState
 
 WITHOUT_NOHIBERNATE = " ".join(p for p in BASE_APPEND.split() if p != "nohibernate")
 

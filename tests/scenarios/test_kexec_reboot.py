@@ -25,7 +25,7 @@ from harness.observe.crash import Crash
 from harness.observe.dmesg import Timeline
 from harness.seam.abi import Leaf, Status
 from harness.seam.faults import FaultPlan, FaultRule
-from harness.seam.module import SysState
+from harness.seam.state import SysState
 from harness.seam.trace import TraceRecord
 
 FAILURES = (Crash.SEAMCALL_FAILED, Crash.TDX_INIT_FAILED)

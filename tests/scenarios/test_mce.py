@@ -207,7 +207,7 @@ def aim(machine: QemuMachine, target: Target, tdmrs: list[TdmrInfo]) -> int:
     page, tdr = ordinary_pages(machine.config.ram_ranges(), tdmrs, 2)
     if target is Target.TD_PRIVATE:
         # KVM cannot build a TD here yet: the module is told directly that a TD owns the page.
-        machine.module.assign_page(page, PageType.PT_REG, owner=tdr)
+        machine.module.state.assign_page(page, PageType.PT_REG, owner=tdr)
     return page
 
 

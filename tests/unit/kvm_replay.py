@@ -15,8 +15,9 @@ from linux_replay import call, replay_init
 
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, Status
+from harness.seam.call import SeamcallResult
 from harness.seam.memory import SparseMemory
-from harness.seam.module import SeamcallResult, TdxModule
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.seam.trace import REGISTERS
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from harness.observe import pamt
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf
+from harness.seam.call import SeamcallRequest, SeamcallResult
 from harness.seam.memory import SparseMemory
-from harness.seam.module import SeamcallRequest, SeamcallResult, TdxModule
+from harness.seam.module import TdxModule
 from harness.seam.tdmr import ReservedArea, TdmrInfo
 
 

@@ -24,9 +24,11 @@ from linux_replay import replay_init
 from harness.deadline import Deadline
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, OperandId, Status
+from harness.seam.call import SeamcallRequest, Variant
 from harness.seam.memory import MemoryAccessError, SparseMemory
-from harness.seam.module import SeamcallRequest, SysState, TdxModule, Variant
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.state import SysState
 from harness.seam.trace import REGISTERS
 from harness.transport.errors import ChannelClosed
 from harness.transport.frames import (

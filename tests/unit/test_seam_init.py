@@ -7,10 +7,12 @@ from linux_replay import call, replay_init
 
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, OperandId, Status
+from harness.seam.call import UNLOADED_REGISTER, SeamcallRequest, Variant, as_loaded
 from harness.seam.faults import FaultPlan, FaultRule, busy, no_entropy, not_loaded
 from harness.seam.memory import SparseMemory
-from harness.seam.module import UNLOADED_REGISTER, SeamcallRequest, SysState, TdxModule, Variant, as_loaded
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram, qemu_topology
+from harness.seam.state import SysState
 
 G = 1 << 30
 M = 1 << 20
@@ -253,7 +255,7 @@ def test_rdmd_reports_pamt_pages_as_reserved():
     assert (rdmd.status, rdmd.regs[0]) == (0, abi.PageType.PT_RSVD)
     ordinary = call(module, mem, 0, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=16 * M)
     assert (ordinary.status, ordinary.regs[0]) == (0, abi.PageType.PT_NDA)
-    module.assign_page(32 * M, abi.PageType.PT_REG, owner=0x5000)
+    module.state.assign_page(32 * M, abi.PageType.PT_REG, owner=0x5000)
     td = call(module, mem, 0, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=32 * M)
     assert (td.regs[0], td.regs[1]) == (abi.PageType.PT_REG, 0x5000)
     outside = call(module, mem, 0, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=4 * G)

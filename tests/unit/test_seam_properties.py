@@ -9,8 +9,9 @@ from linux_replay import call
 
 from harness.seam import abi
 from harness.seam.abi import Leaf
+from harness.seam.call import SeamcallRequest
 from harness.seam.memory import SparseMemory
-from harness.seam.module import SeamcallRequest, TdxModule
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, qemu_topology
 
 G = 1 << 30

@@ -12,8 +12,9 @@ from harness.observe.pamt import Tdmr, pamt_sizes
 from harness.seam import abi
 from harness.seam.abi import Leaf, OperandId, PageSize, Status
 from harness.seam.memory import SparseMemory
-from harness.seam.module import SysState, TdxModule
+from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.state import SysState
 from harness.seam.tdmr import ReservedArea, TdmrInfo
 
 G, M = 1 << 30, 1 << 20
