@@ -48,7 +48,7 @@ _KMSG_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
 @dataclass
 class KmsgDump:
     """A /dev/kmsg dump read from the console: its records, and what shows that it lost bytes on
-    the way (kept as a guard; a console that dropped bytes is in docs/NOTES.md, session 6)."""
+    the way (kept as a guard; a console that dropped bytes is in docs/NOTES.md, console section)."""
     records: list[Record]
     damage: list[str]  # lines that are neither records nor continuations; sequence gaps
 

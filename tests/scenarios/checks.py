@@ -14,7 +14,7 @@ from harness.seam.abi import Leaf
 from harness.seam.trace import TraceRecord
 
 DMESG_TIMEOUT = 60.0
-# A dump that lost bytes on the console (docs/NOTES.md, session 6) is read again, up to this often.
+# A dump that lost bytes on the console (docs/NOTES.md, console section) is read again, up to this often.
 KMSG_READS = 3
 
 logger = logging.getLogger("scenarios.checks")

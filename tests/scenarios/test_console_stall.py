@@ -1,7 +1,7 @@
 """The console keeps every byte while the harness's reader is held up (as on a loaded host): the
 shell's output and the kernel records written meanwhile all arrive whole. Over the Unix socket
 the console used before, this lost ~20 bytes per stall (the UART stopped, the kernel's console
-gave up waiting and overwrote its FIFO: see qemu_command); the CI rehearsal of session 6 lost 13
+gave up waiting and overwrote its FIFO: see qemu_command); a CI rehearsal lost 13
 bytes of a /dev/kmsg dump that way."""
 
 from __future__ import annotations
