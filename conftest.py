@@ -43,6 +43,7 @@ from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
 from harness.repro import BUNDLE_NAME, write_bundle
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
+from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES
 
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
@@ -68,6 +69,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where each scenario's logs and trace go [TDXH_ARTIFACTS]")
     group.addoption("--keep-artifacts", action="store_true", default=bool(os.environ.get("TDXH_KEEP_ARTIFACTS")),
                     help="keep logs of passing scenarios too [TDXH_KEEP_ARTIFACTS]")
+    group.addoption("--module-profile", default=os.environ.get(PROFILE_ENV, DEFAULT_PROFILE), choices=sorted(PROFILES),
+                    help=f"the TDX module release the software module follows (harness/seam/profiles.py; default "
+                         f"{DEFAULT_PROFILE}) [{PROFILE_ENV}]")
     group.addoption("--coverage", type=Path, default=os.environ.get(COVERAGE_ENV), metavar="DIR",
                     help="boot the coverage kernel (gcov in the TDX host objects), copy each scenario's counters "
                          "into DIR and write the report there at the end [TDXH_COVERAGE]")
@@ -199,6 +203,21 @@ def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
 BootFactory = Callable[..., QemuMachine]
 
 
+PlatformFactory = Callable[..., PlatformConfig]
+
+
+@pytest.fixture(scope="session")
+def platform_config(request: pytest.FixtureRequest) -> PlatformFactory:
+    """``platform_config(**changes)``: the platform of the session's module release
+    (--module-profile) with ``changes``; the boot fixtures use it when given no platform."""
+    name = request.config.getoption("--module-profile")
+
+    def make(**changes: object) -> PlatformConfig:
+        return PlatformConfig.for_profile(name, **changes)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def saved_machines() -> dict[str, SavedMachine]:
     """Ready machines saved this session (``boot(..., reuse=True)``), by configuration."""
@@ -207,7 +226,8 @@ def saved_machines() -> dict[str, SavedMachine]:
 
 @pytest.fixture
 def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine],
-         tmp_path_factory: pytest.TempPathFactory, scenario_coverage: ScenarioCoverage | None) -> Iterator[BootFactory]:
+         tmp_path_factory: pytest.TempPathFactory, scenario_coverage: ScenarioCoverage | None,
+         platform_config: PlatformFactory) -> Iterator[BootFactory]:
     """``boot(config=QemuConfig(), platform=None, faults=None, append="", ready=True, reuse=False)``:
     a started machine, ready for commands unless ready=False; every machine is stopped at
     teardown. ``reuse``: resume a saved machine of the same configuration (the boot's console is
@@ -220,6 +240,7 @@ def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine
               faults: FaultPlan | None = None, append: str = "", ready: bool = True,
               serve_module: bool = True, reuse: bool = False) -> QemuMachine:
         config = config or QemuConfig()
+        platform = platform or platform_config()
         run_dir = artifacts / f"machine{len(machines)}"
         key = repr((config, platform, append))  # the platform holds lists: not hashable
         # reuse: resume the machine an earlier scenario of this session booted with the same
@@ -260,7 +281,7 @@ BochsBoot = Callable[..., BochsMachine]
 
 @pytest.fixture
 def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall,
-               scenario_coverage: ScenarioCoverage | None) -> Iterator[BochsBoot]:
+               scenario_coverage: ScenarioCoverage | None, platform_config: PlatformFactory) -> Iterator[BochsBoot]:
     """``bochs_boot(config=BochsConfig(), platform=None, faults=None, append="", ready=True)``:
     a started Bochs machine, ready for commands unless ready=False; stopped at teardown."""
     machines: list[BochsMachine] = []
@@ -268,8 +289,8 @@ def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall,
     def start(config: BochsConfig | None = None, platform: PlatformConfig | None = None,
               faults: FaultPlan | None = None, append: str = "", ready: bool = True) -> BochsMachine:
         run_dir = artifacts / f"machine{len(machines)}"
-        machine = start_bochs_machine(images, config or BochsConfig(), run_dir,
-                                      platform=platform, faults=faults, append=append, install=bochs_install)
+        machine = start_bochs_machine(images, config or BochsConfig(), run_dir, platform=platform or platform_config(),
+                                      faults=faults, append=append, install=bochs_install)
         machines.append(machine)
         if scenario_coverage is not None:
             scenario_coverage.attach(machine, run_dir.name)

@@ -31,10 +31,12 @@ class Leaf(enum.IntEnum):
     TDH_MNG_KEY_FREEID = 20
     TDH_MNG_INIT = 21
     TDH_VP_INIT = 22
+    TDH_MEM_PAGE_PROMOTE = 23  # not called by Linux; named for the version tables (profiles.py)
     TDH_PHYMEM_PAGE_RDMD = 24
     TDH_VP_RD = 26
     TDH_PHYMEM_PAGE_RECLAIM = 28
     TDH_MEM_PAGE_REMOVE = 29
+    TDH_MEM_SEPT_REMOVE = 30  # not called by Linux; named for the version tables (profiles.py)
     TDH_SYS_KEY_CONFIG = 31
     TDH_SYS_INFO = 32  # module leaves Linux does not call (include/tdx_api_defs.h)
     TDH_SYS_INIT = 33

@@ -27,6 +27,7 @@ from harness.seam.exits import ExitScript
 from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
 from harness.seam.platform import PlatformConfig
+from harness.seam.profiles import MAX_LEAF_VERSION
 from harness.seam.state import Handler, ModuleState, Seam, SysState
 from harness.seam.trace import REGISTERS, Trace, TraceRecord
 
@@ -154,7 +155,7 @@ class TdxModule:
             return Status.TDX_SEAMCALL_VMFAILINVALID
         number = request.fn & abi.LEAF_NUMBER_MASK
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
-        if request.fn >> 24 or version > _MAX_VERSION.get(number, 0):
+        if request.fn >> 24 or not self.platform.profile.leaf_version_ok(number, version):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
         # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
         # module source implements DISABLE); the real SYS_SHUTDOWN (leaf 52) takes LP.SHUTDOWN only.
@@ -166,6 +167,13 @@ class TdxModule:
         if handler is None:
             if number in _KNOWN_LEAVES:
                 call.note = "leaf not modelled by the software module yet"
+            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        if version > MAX_LEAF_VERSION:  # each versioned leaf's own check
+            return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
+        if version > td.MODELLED_VERSION.get(number, 0):
+            # The release takes this version; what it does differently is not modelled, so the
+            # call fails rather than run as version 0 (the note says it is the harness's limit).
+            call.note = f"version {version} of this leaf not modelled by the software module"
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
         if call.package is None:
             # Hardware has no LP outside its packages: a CPU the platform config lacks never ran
@@ -191,7 +199,6 @@ class TdxModule:
 
 
 _HANDLERS: dict[int, Handler] = {**host_init.HANDLERS, **td.HANDLERS}
-_MAX_VERSION: dict[int, int] = dict(td.MAX_VERSION)
 _KNOWN_LEAVES = frozenset(int(leaf) for leaf in Leaf)
 # The leaves tdx_vmm_dispatcher.c lets run before SYS_READY (the rest: TDX_SYS_NOT_READY), and
 # those the harness lets run after TDH.SYS.DISABLE.

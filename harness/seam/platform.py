@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from harness.seam import abi
+from harness.seam.profiles import DEFAULT_PROFILE, ModuleProfile, profile
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,14 @@ class PlatformConfig:
     # emulated machine reserves none, so no address the kernel passes can overlap it.
     seamrr: tuple[int, int] = (0, 0)
     module_present: bool = True
-    major_version: int = 1
-    minor_version: int = 5
-    update_version: int = 16
+    # Which public module release the dispatcher follows (profiles.py); the four fields after it
+    # are what that release reports (for_profile() sets them; a test may change one alone).
+    module_profile: str = DEFAULT_PROFILE
+    major_version: int = profile(DEFAULT_PROFILE).major_version
+    minor_version: int = profile(DEFAULT_PROFILE).minor_version
+    update_version: int = profile(DEFAULT_PROFILE).update_version
+    tdx_features0: int = profile(DEFAULT_PROFILE).tdx_features0
     module_hv: int = 0
-    tdx_features0: int = abi.TDX_FEATURES0_NO_RBP_MOD | abi.TDX_FEATURES0_TOPOLOGY_ENUM
     max_tdmrs: int = 64
     max_reserved_per_tdmr: int = 16
     pamt_entry_sizes: tuple[int, int, int] = (abi.PAMT_ENTRY_SIZE,) * 3  # 4K, 2M, 1G
@@ -108,6 +112,20 @@ class PlatformConfig:
     def __post_init__(self) -> None:
         if not self.cpus:
             raise ValueError("platform needs at least one logical CPU")
+        profile(self.module_profile)  # a clear error for an unknown name
+
+    @classmethod
+    def for_profile(cls, name: str, **changes: object) -> PlatformConfig:
+        """The platform of module release ``name``, with ``changes`` on top."""
+        found = profile(name)
+        reported = {"module_profile": name, "major_version": found.major_version,
+                    "minor_version": found.minor_version, "update_version": found.update_version,
+                    "tdx_features0": found.tdx_features0}
+        return cls(**{**reported, **changes})  # type: ignore[arg-type]
+
+    @property
+    def profile(self) -> ModuleProfile:
+        return profile(self.module_profile)
         ids = [cpu.apic_id for cpu in self.cpus]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate APIC ids in {ids}")

@@ -861,5 +861,6 @@ HANDLERS: dict[int, Handler] = {
     Leaf.TDH_MNG_KEY_FREEID: mng_key_freeid,
     Leaf.TDH_PHYMEM_PAGE_RECLAIM: phymem_page_reclaim,
 }
-# TDH.VP.INIT version 1 takes the x2APIC ID (Linux always uses it).
-MAX_VERSION: dict[int, int] = {Leaf.TDH_VP_INIT: 1}
+# The versions above 0 the TD leaves model (the profile decides which the dispatcher takes):
+# TDH.VP.INIT version 1 takes the x2APIC ID (Linux 7.3 always uses it).
+MODELLED_VERSION: dict[int, int] = {Leaf.TDH_VP_INIT: 1}

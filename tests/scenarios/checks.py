@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from harness.machine.base import Machine
+from harness.machine.console import CommandResult
 from harness.machine.qemu import QemuMachine
-from harness.observe import pamt
+from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
 from harness.seam import abi
 from harness.seam.abi import Leaf
+from harness.seam.platform import PlatformConfig
 from harness.seam.trace import TraceRecord
 
 DMESG_TIMEOUT = 60.0
@@ -73,3 +76,18 @@ def assert_init_sequence(records: list[TraceRecord], apic_ids: list[int], packag
         f"out of order: {[abi.leaf_name(n) for n in names]}"
     key_packages = sorted(packages[seq[i].cpu] for i in key_configs)
     assert key_packages == sorted(set(packages.values())), f"KEY.CONFIG on packages {key_packages}"
+
+
+def kvm_takes_tdx(platform: PlatformConfig) -> bool:
+    """Whether kvm_intel tdx=1 loads on this module: __tdx_hardware_setup() (arch/x86/kvm/vmx/
+    tdx.c) refuses, and the load fails with -EINVAL, without TOPOLOGY_ENUM in TDX_FEATURES0
+    (the "1.5.01" release lacks it)."""
+    return bool(platform.tdx_features0 & abi.TDX_FEATURES0_TOPOLOGY_ENUM)
+
+
+def assert_kvm_refused_tdx(machine: Machine, load: CommandResult) -> None:
+    """The load of kvm_intel tdx=1 failed as the kernel fails it on a module KVM cannot use:
+    the insmod fails, kvm_intel is not there afterwards, and no SEAMCALL failed on the way."""
+    assert load.status != 0, f"kvm_intel tdx=1 loaded on a module without TOPOLOGY_ENUM: {load.output}"
+    assert machine.run("test -e /sys/module/kvm_intel", DMESG_TIMEOUT).status != 0, "kvm_intel stayed loaded"
+    kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)

@@ -8,7 +8,6 @@ from checks import assert_init_sequence, kernel_log, model_from_log
 from harness.machine.qemu import QemuConfig
 from harness.observe import patterns
 from harness.seam.abi import Field, Leaf
-from harness.seam.platform import PlatformConfig
 
 
 def test_first_boot_initializes_tdx(boot):
@@ -56,8 +55,8 @@ def test_first_boot_two_packages_key_config_each(boot):
     assert sorted(platform.package_of(cpu) for cpu in key_cpus) == [0, 1]
 
 
-def test_first_boot_module_not_loaded(boot):
-    machine = boot(QemuConfig(), platform=PlatformConfig(module_present=False))
+def test_first_boot_module_not_loaded(boot, platform_config):
+    machine = boot(QemuConfig(), platform=platform_config(module_present=False))
     log = kernel_log(machine)
     log.expect_in_order([patterns.BIOS_ENABLED, patterns.NOT_LOADED])
     log.expect_absent(patterns.INITIALIZED)

@@ -22,7 +22,6 @@ from harness.machine.qemu import QemuConfig
 from harness.observe import patterns
 from harness.observe.crash import Crash
 from harness.seam.abi import Leaf, Status
-from harness.seam.platform import PlatformConfig
 
 ONLINE = "/sys/devices/system/cpu/cpu1/online"
 
@@ -83,8 +82,8 @@ def test_memory_hotplug_dimm_refused_online_with_tdx(boot):
     kernel_log(machine)  # and nothing went wrong in the kernel
 
 
-def test_memory_hotplug_dimm_onlines_without_tdx(boot):
-    machine = boot(HOTPLUG, platform=PlatformConfig(module_present=False))
+def test_memory_hotplug_dimm_onlines_without_tdx(boot, platform_config):
+    machine = boot(HOTPLUG, platform=platform_config(module_present=False))
     kernel_log(machine).expect(patterns.NOT_LOADED)
     blocks = plug_dimm(machine)
     onlined = machine.run(f"echo online > {blocks[0]}/state && cat {blocks[0]}/state", 60)

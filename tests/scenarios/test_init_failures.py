@@ -23,7 +23,6 @@ from harness.observe.crash import Crash
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, Status
 from harness.seam.faults import FaultPlan, FaultRule, no_entropy, not_loaded
-from harness.seam.platform import PlatformConfig
 
 RDRAND_RETRY_LOOPS = 10  # arch/x86/include/asm/archrandom.h
 FAILURES = (Crash.SEAMCALL_FAILED, Crash.TDX_INIT_FAILED)  # what these scenarios provoke
@@ -73,9 +72,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_init_failure(boot, name):
+def test_init_failure(boot, platform_config, name):
     case = CASES[name]
-    machine = boot(case.config, platform=PlatformConfig(**case.platform),  # type: ignore[arg-type]
+    machine = boot(case.config, platform=platform_config(**case.platform),
                    faults=FaultPlan(list(case.faults)))
     log = kernel_log(machine, allow=FAILURES)
     expected = list(case.messages)

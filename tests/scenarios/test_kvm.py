@@ -13,7 +13,7 @@ import errno
 import hashlib
 
 import pytest
-from checks import kernel_log
+from checks import assert_kvm_refused_tdx, kernel_log, kvm_takes_tdx
 
 from harness.machine.base import Machine
 from harness.observe import patterns
@@ -52,6 +52,10 @@ MR_EXTEND_CHUNK = 256
 def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
     machine = vmx_boot(faults=faults)
     loaded = machine.run(LOAD_KVM_INTEL, TIMEOUT)
+    if not kvm_takes_tdx(machine.module.platform):
+        assert_kvm_refused_tdx(machine, loaded)
+        pytest.skip(f"module profile {machine.module.platform.module_profile}: KVM refuses TDX on it (checked); "
+                    "no TD to run")
     assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
     return machine
 

@@ -57,7 +57,6 @@ from harness.observe.mce import (
 from harness.seam import abi
 from harness.seam.abi import Leaf, PageType, Status
 from harness.seam.faults import FaultPlan, FaultRule
-from harness.seam.platform import PlatformConfig
 from harness.seam.tdmr import TdmrInfo
 from harness.seam.trace import TraceRecord
 
@@ -140,18 +139,18 @@ class Outcome:
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("path", [Path.MCE_INJECT_HW, Path.HMP], ids=lambda p: p.value)
-def test_fatal_memory_error(boot, path, name):
-    check_case(boot, path, CASES[name])
+def test_fatal_memory_error(boot, platform_config, path, name):
+    check_case(boot, platform_config, path, CASES[name])
 
 
-def test_logged_only_record_never_asks_the_module(boot):
+def test_logged_only_record_never_asks_the_module(boot, platform_config):
     """mce-inject's "sw" mode only logs the record: the #MC handler, mce_panic() and the TDX check
     never run, even on the erratum CPU with the error in a PAMT page."""
-    check_case(boot, Path.MCE_INJECT_SW, CASES["pamt_page"])
+    check_case(boot, platform_config, Path.MCE_INJECT_SW, CASES["pamt_page"])
 
 
-def check_case(boot, path: Path, case: Case) -> None:
-    machine = boot(case.config, platform=PlatformConfig(**case.platform),  # type: ignore[arg-type]
+def check_case(boot, platform_config, path: Path, case: Case) -> None:
+    machine = boot(case.config, platform=platform_config(**case.platform),
                    faults=FaultPlan(list(case.faults)))
     cpu = guest_cpu(machine)
     host_platform = "tdx_host_platform" in cpu.flags

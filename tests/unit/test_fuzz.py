@@ -28,6 +28,7 @@ from harness.seam.call import SeamcallRequest, Variant
 from harness.seam.memory import MemoryAccessError, SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.profiles import DEFAULT_PROFILE, PROFILES
 from harness.seam.state import SysState
 from harness.seam.trace import REGISTERS
 from harness.transport.errors import ChannelClosed
@@ -189,7 +190,7 @@ class Oracle:
             assert status == Status.TDX_SEAMCALL_VMFAILINVALID
             return
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
-        if request.fn >> 24 or version > (1 if number == Leaf.TDH_VP_INIT else 0):
+        if request.fn >> 24 or not (version == 0 or number in module.platform.profile.versioned_leaves):
             assert status == bad_rax  # the encoding first (tdx_vmm_dispatcher.c)
             return
         # Then the module state, before the leaf is even looked at (tdx_vmm_dispatcher.c).
@@ -201,6 +202,9 @@ class Oracle:
             return
         # Which leaves are modelled grows with the module: judge by what the record says.
         if number not in KNOWN_LEAVES or "not modelled" in (record.note or ""):
+            assert status == bad_rax
+            return
+        if version > 1:  # the versioned leaf's own check, after the state (e.g. tdh_mng_rd_wr.c)
             assert status == bad_rax
             return
         if self.shut_down and number not in (Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE):
@@ -226,15 +230,18 @@ BEFORE_READY_LEAVES = {32, 34, 37, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT, Leaf
 SHUTDOWN_LEAVES = {44, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE}
 
 
-def fresh_module() -> tuple[TdxModule, SparseMemory]:
+def fresh_module(profile: str = DEFAULT_PROFILE) -> tuple[TdxModule, SparseMemory]:
     # TDMR.INIT a GiB a call: the init prefix in 2 calls instead of the module's 512.
-    return TdxModule(PlatformConfig(cmrs=cmrs_for_ram(RAM), tdmr_init_chunk=abi.SZ_1G)), SparseMemory(RAM)
+    platform = PlatformConfig.for_profile(profile, cmrs=cmrs_for_ram(RAM), tdmr_init_chunk=abi.SZ_1G)
+    return TdxModule(platform), SparseMemory(RAM)
 
 
 def run_sequence(rng: random.Random, length: int) -> list[tuple[int, tuple[int, ...]]]:
     """A random sequence, half the time after a valid Linux init prefix (so the late-state
-    leaves see a configured module); returns (status, regs) per call for the replay check."""
-    module, memory = fresh_module()
+    leaves see a configured module), on a module of either release; returns (status, regs) per
+    call for the replay check."""
+    profile = rng.choice(sorted(PROFILES))
+    module, memory = fresh_module(profile)
     oracle = Oracle(module)
     prefix = rng.random() < 0.5
     if prefix:
@@ -248,7 +255,7 @@ def run_sequence(rng: random.Random, length: int) -> list[tuple[int, tuple[int, 
         oracle.check(request, result.status, result.regs)
         out.append((result.status, result.regs))
     # The module is deterministic: the same calls on a fresh module give the same answers.
-    again, memory = fresh_module()
+    again, memory = fresh_module(profile)
     if prefix:
         replay_init(again, [(M, 2 * G)])
     assert [(r.status, r.regs) for r in (again.call(q, memory) for q in requests)] == out, "not deterministic"
