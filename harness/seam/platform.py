@@ -113,6 +113,17 @@ class PlatformConfig:
         if not self.cpus:
             raise ValueError("platform needs at least one logical CPU")
         profile(self.module_profile)  # a clear error for an unknown name
+        ids = [cpu.apic_id for cpu in self.cpus]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate APIC ids in {ids}")
+        if self.nr_mktme_keyids < 0 or self.nr_tdx_keyids < 0:
+            raise ValueError("KeyID counts must be >= 0")
+        if self.tdmr_init_chunk <= 0 or self.tdmr_init_chunk % abi.SZ_4K:
+            raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
+        if self.cache_wb_chunks < 1:
+            raise ValueError("cache_wb_chunks must be >= 1")
+        if self.tdcs_base_size % abi.SZ_4K or self.tdvps_base_size < 2 * abi.SZ_4K:
+            raise ValueError("TDCS/TDVPS sizes are whole pages; TDVPS has a TDVPR and a TDCX at least")
 
     @classmethod
     def for_profile(cls, name: str, **changes: object) -> PlatformConfig:
@@ -126,17 +137,6 @@ class PlatformConfig:
     @property
     def profile(self) -> ModuleProfile:
         return profile(self.module_profile)
-        ids = [cpu.apic_id for cpu in self.cpus]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate APIC ids in {ids}")
-        if self.nr_mktme_keyids < 0 or self.nr_tdx_keyids < 0:
-            raise ValueError("KeyID counts must be >= 0")
-        if self.tdmr_init_chunk <= 0 or self.tdmr_init_chunk % abi.SZ_4K:
-            raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
-        if self.cache_wb_chunks < 1:
-            raise ValueError("cache_wb_chunks must be >= 1")
-        if self.tdcs_base_size % abi.SZ_4K or self.tdvps_base_size < 2 * abi.SZ_4K:
-            raise ValueError("TDCS/TDVPS sizes are whole pages; TDVPS has a TDVPR and a TDCX at least")
 
     @property
     def tdx_keyid_start(self) -> int:

@@ -16,7 +16,7 @@ from harness.seam import abi
 from harness.seam.abi import Field, Leaf, OperandId, Status
 from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
-from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.platform import LogicalCpu, PlatformConfig, cmrs_for_ram
 from harness.seam.profiles import DEFAULT_PROFILE, PROFILES
 
 BAD_RAX = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
@@ -105,3 +105,15 @@ def test_the_default_platform_is_the_default_release():
 def test_an_unknown_release_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown module profile '1\.4'.*1\.5\.01"):
         PlatformConfig.for_profile("1.4")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"cpus": (LogicalCpu(0, 0), LogicalCpu(0, 0))}, "duplicate APIC ids"),
+    ({"nr_tdx_keyids": -1}, "KeyID counts"),
+    ({"tdmr_init_chunk": 1000}, "tdmr_init_chunk"),
+    ({"cache_wb_chunks": 0}, "cache_wb_chunks"),
+    ({"module_profile": "9.9"}, "9.9"),
+])
+def test_a_platform_config_that_cannot_exist_is_refused_when_made(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PlatformConfig(**changes)  # type: ignore[arg-type]
