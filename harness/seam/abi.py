@@ -62,10 +62,50 @@ LEAF_VERSION_MASK = 0xFF
 P_SEAMLDR_LEAF_BIT = 1 << 63
 
 
+class SeamldrLeaf(enum.IntEnum):
+    """P-SEAMLDR leaves (arch/x86/virt/vmx/tdx/seamldr.c; the loader's pseamldr_api_defs.h)."""
+
+    SEAMLDR_INFO = P_SEAMLDR_LEAF_BIT | 0
+    SEAMLDR_INSTALL = P_SEAMLDR_LEAF_BIT | 1
+
+
+class SeamldrStatus(enum.IntEnum):
+    """What the P-SEAMLDR returns in RAX (intel/tdx-module-loader IncludePrivate/AsmSeamcall.h;
+    EBADHANDOFF, ECLEANUPREQ and EUNSUPPORTED from the loader's pseamldr_api_defs.h)."""
+
+    PSEAMLDR_SUCCESS = 0
+    PSEAMLDR_EBADPARAM = 0x8000000000000000
+    PSEAMLDR_EBADCALL = 0x8000000000000003
+    PSEAMLDR_EBADHANDOFF = 0x8000000000000004
+    PSEAMLDR_ECLEANUPREQ = 0x8000000000000005
+    PSEAMLDR_EUNSUPPORTED = 0x8000000000000006
+    PSEAMLDR_ENOMEM = 0x8000000000010002
+    PSEAMLDR_EUNSPECERR = 0x8000000000010003
+    PSEAMLDR_EUNSUPCPU = 0x8000000000010004
+    PSEAMLDR_EBADSIG = 0x8000000000020000
+    PSEAMLDR_EBADHASH = 0x8000000000020001
+    PSEAMLDR_EINTERRUPT = 0x8000000000030000
+    PSEAMLDR_ENOENTROPY = 0x8000000000030001
+
+
+# RDX after a failed SEAMLDR.INSTALL: whether the old module still runs.
+PSEAMLDR_RECOVERABLE_ERROR = 0
+PSEAMLDR_UNRECOVERABLE_ERROR = 1
+
+
+def leaf_key(fn: int) -> int:
+    """The leaf a RAX value selects, as fault rules and per-leaf counters name it: the leaf
+    number, with bit 63 kept for the P-SEAMLDR's (SEAMLDR.INSTALL is not TDH.MNG.ADDCX)."""
+    return fn & (P_SEAMLDR_LEAF_BIT | LEAF_NUMBER_MASK)
+
+
 def leaf_name(fn: int) -> str:
     """Readable name of a SEAMCALL RAX value, e.g. ``TDH.SYS.CONFIG`` or ``leaf 99``."""
     if fn & P_SEAMLDR_LEAF_BIT:
-        return f"P-SEAMLDR leaf {fn & ~P_SEAMLDR_LEAF_BIT:#x}"
+        try:
+            return SeamldrLeaf(leaf_key(fn)).name.replace("_", ".")
+        except ValueError:
+            return f"P-SEAMLDR leaf {fn & ~P_SEAMLDR_LEAF_BIT:#x}"
     number = fn & LEAF_NUMBER_MASK
     try:
         name = Leaf(number).name
@@ -108,6 +148,7 @@ class Status(enum.IntEnum):
     TDX_SYS_SHUTDOWN = 0xC000050600000000
     TDX_SYS_KEY_CONFIG_NOT_PENDING = 0xC000050700000000
     TDX_SYS_STATE_INCORRECT = 0xC000050800000000
+    TDX_SYS_INVALID_HANDOFF = 0xC000050900000000
     TDX_SYS_LP_INIT_NOT_PENDING = 0xC000050B00000000
     TDX_SYS_CONFIG_NOT_PENDING = 0xC000050C00000000
     TDX_TD_FATAL = 0xE000060400000000
@@ -209,8 +250,11 @@ def with_info(status: Status, info0: int = 0, info1: int = 0, info2: int = 0, in
     return int(status) + (info0 & 0xFF) + ((info1 & 0xFF) << 8) + ((info2 & 0xFF) << 16) + ((info3 & 0xFF) << 24)
 
 
-def status_name(status: int) -> str:
-    """Readable status, e.g. ``TDX_OPERAND_INVALID(RCX)`` or ``TDX_INVALID_PAMT(0x00000102)``."""
+def status_name(status: int, fn: int = 0) -> str:
+    """Readable status of a call to ``fn``, e.g. ``TDX_OPERAND_INVALID(RCX)``,
+    ``TDX_INVALID_PAMT(0x00000102)`` or, for a P-SEAMLDR leaf, ``PSEAMLDR_EBADSIG``."""
+    if fn & P_SEAMLDR_LEAF_BIT and status in SeamldrStatus._value2member_map_:
+        return SeamldrStatus(status).name
     try:
         return Status(status).name
     except ValueError:
@@ -312,6 +356,13 @@ class Field(enum.IntEnum):
     NUM_CPUID_CONFIG = 0x9900000100000004
     MAX_VCPUS_PER_TD = 0x9900000100000008
     MODULE_HV = 0x8900000100000000
+    # The rest of class 9 (TDX_MODULE_HANDOFF), include/auto_gen/global_sys_fields_lookup.h.
+    MIN_UPDATE_HV = 0x8900000100000001
+    NO_DOWNGRADE = 0x8900000000000002
+    NUM_HANDOFF_PAGES = 0x8900000100000003
+    HANDOFF_DATA_VALID = 0x8900000000000004
+    HANDOFF_DATA_HV = 0x8900000100000005
+    HANDOFF_DATA_SIZE = 0x8900000200000006
     # In the module's table (include/auto_gen/global_sys_fields_lookup.c), read by no Linux 7.x yet.
     NUM_PKGS = 0x0000000200000000
     NUM_CMRS = 0x9000000100000000

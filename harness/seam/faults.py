@@ -37,7 +37,7 @@ class FaultRule:
                                           ("rdx", None if self.rdx is None else hex(self.rdx)),
                                           ("times", self.times)) if v is not None]
         leaf = "any leaf" if self.leaf is None else abi.leaf_name(self.leaf)
-        return f"{leaf} -> {abi.status_name(self.status)} [{', '.join(where) or 'every call'}]"
+        return f"{leaf} -> {abi.status_name(self.status, self.leaf or 0)} [{', '.join(where) or 'every call'}]"
 
 
 def busy(leaf: int, calls: int, operand: abi.OperandId | None = None, **match: Any) -> FaultRule:

@@ -8,7 +8,16 @@ from __future__ import annotations
 from harness.seam import abi, metadata
 from harness.seam.abi import Leaf, OperandId, PageSize, PageType, Status
 from harness.seam.call import Call
-from harness.seam.state import Handler, KeyState, ModuleState, Seam, SysState, TdmrState, shared_page_ok
+from harness.seam.state import (
+    Handler,
+    Handoff,
+    KeyState,
+    ModuleState,
+    Seam,
+    SysState,
+    TdmrState,
+    shared_page_ok,
+)
 from harness.seam.tdmr import TdmrChecker, TdmrInfo, tdmr_info_size
 
 
@@ -20,9 +29,13 @@ def sys_init(seam: Seam, call: Call) -> int:
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     if seam.state.sys not in (SysState.SYSINIT_PENDING, SysState.SYS_SHUTDOWN):
         return Status.TDX_SYS_INIT_NOT_PENDING
-    pages = seam.state.pages if seam.state.sys is SysState.SYSINIT_PENDING else {}
-    calls = seam.state.calls_per_leaf
-    seam.state = ModuleState(sys=SysState.SYSINIT_DONE, pages=pages, calls_per_leaf=calls)
+    pending = seam.state.sys is SysState.SYSINIT_PENDING
+    # A module the P-SEAMLDR loaded as an update finds its predecessor's handoff data; SYS.INIT
+    # itself runs the same either way (tdh_sys_init.c has no update mode).
+    handoff = seam.state.handoff if pending else None
+    pages = seam.state.pages if pending else {}
+    seam.state = ModuleState(sys=SysState.SYSINIT_DONE, handoff=handoff, pages=pages,
+                             calls_per_leaf=seam.state.calls_per_leaf)
     return 0
 
 
@@ -42,7 +55,7 @@ def sys_rd(seam: Seam, call: Call) -> int:
     call.outputs.update(rdx=metadata.MD_FIELD_ID_NA, r8=0)
     if call.request.cpu not in seam.state.lp_initialized:
         return Status.TDX_SYS_LP_INIT_NOT_DONE
-    table = metadata.global_metadata(seam.platform)
+    table = metadata.global_metadata(seam.platform, seam.loader.running, seam.handoff_header)
     field_id = call.reg("rdx")
     if metadata.is_null_field_id(field_id):
         call.outputs["rdx"] = table.next_element(field_id)
@@ -119,8 +132,46 @@ def sys_tdmr_init(seam: Seam, call: Call) -> int:
 
 
 def sys_disable(seam: Seam, call: Call) -> int:
+    """No public module source implements it: the harness's reading of Linux is that the module
+    stops and may start over with TDH.SYS.INIT, a handoff for an update discarded."""
     seam.state.sys = SysState.SYS_SHUTDOWN
     seam.state.lp_initialized.clear()
+    seam.state.handoff = None
+    return 0
+
+
+def sys_shutdown(seam: Seam, call: Call) -> int:
+    """tdh_sys_shutdown.c (1.5.01 and the 2.0 snapshot): the handoff version in RCX, the whole
+    register, within [MIN_UPDATE_HV, MODULE_HV] of the running module and equal to MODULE_HV
+    under NO_DOWNGRADE, checked before the global lock; then SYS_SHUTDOWN and the handoff data
+    written. Its busy-LP check (TDX_SYS_BUSY while another LP is in SEAM) cannot fire here: the
+    transport carries one call at a time, so that status comes only from a fault plan. (Later
+    sources take bits 15:0 as the version, bit 16 as AVOID_COMPAT_SENSITIVE and the rest as
+    reserved; Linux 7.3 passes MODULE_HV, which both readings accept.)"""
+    running, hv = seam.loader.running, call.reg("rcx")
+    if hv < running.min_update_hv or hv > running.module_hv or (running.no_downgrade and hv != running.module_hv):
+        return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
+    seam.state.sys = SysState.SYS_SHUTDOWN
+    seam.state.handoff = Handoff(hv, preserved=seam.state)
+    return 0
+
+
+def sys_update(seam: Seam, call: Call) -> int:
+    """tdh_sys_update.c: SYS.INIT done, LP.INIT on every LP and no SYS.CONFIG yet (else
+    TDX_SYS_STATE_INCORRECT); a valid handoff whose version is within this module's
+    [MIN_UPDATE_HV, MODULE_HV] (else TDX_SYS_INVALID_HANDOFF; NO_DOWNGRADE is not checked again);
+    then the handed-off KOT, TDMRs, PAMT and TDs, and SYS_READY, without SYS.CONFIG, KEY.CONFIG
+    or TDMR.INIT."""
+    state, running = seam.state, seam.loader.running
+    if state.sys is not SysState.SYSINIT_DONE or len(state.lp_initialized) < len(seam.platform.cpus):
+        return Status.TDX_SYS_STATE_INCORRECT
+    handoff = state.handoff
+    if handoff is None or not running.min_update_hv <= handoff.hv <= running.module_hv:
+        return Status.TDX_SYS_INVALID_HANDOFF
+    restored = handoff.preserved
+    restored.sys, restored.handoff = SysState.SYS_READY, None
+    restored.lp_initialized, restored.calls_per_leaf = state.lp_initialized, state.calls_per_leaf
+    seam.state = restored
     return 0
 
 
@@ -159,5 +210,7 @@ HANDLERS: dict[int, Handler] = {
     Leaf.TDH_SYS_KEY_CONFIG: sys_key_config,
     Leaf.TDH_SYS_TDMR_INIT: sys_tdmr_init,
     Leaf.TDH_SYS_DISABLE: sys_disable,
+    Leaf.TDH_SYS_SHUTDOWN: sys_shutdown,
+    Leaf.TDH_SYS_UPDATE: sys_update,
     Leaf.TDH_PHYMEM_PAGE_RDMD: phymem_page_rdmd,
 }

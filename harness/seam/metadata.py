@@ -5,8 +5,10 @@ metadata_generic.c (md_find_entry_idx: matched on class and field code only; the
 in context) and metadata_sys.c (the values).
 
 The table holds the fields Linux reads plus those of the same classes a kernel may read next
-(NUM_PKGS, the CMR info); the rest of the module's 65 entries (build info, migration, service
-TDs, handoff, TD partitioning) are not modelled: reading them is TDX_METADATA_FIELD_ID_INCORRECT.
+(NUM_PKGS, the CMR info, the handoff class); the rest of the module's 65 entries (build info,
+migration, service TDs, TD partitioning) are not modelled: reading them is
+TDX_METADATA_FIELD_ID_INCORRECT. The version and handoff fields are the running module's: a
+runtime update changes them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 
 from harness.seam import abi
 from harness.seam.abi import Field
+from harness.seam.image import ModuleImage
 from harness.seam.platform import PlatformConfig
+from harness.seam.state import NO_HANDOFF, HandoffHeader
 
 MD_FIELD_ID_NA = (1 << 64) - 1  # the null field id: "the first field" for a read
 FIELD_CODE_MASK = (1 << 24) - 1
@@ -86,14 +90,24 @@ class GlobalMetadata:
 
 
 @functools.lru_cache(maxsize=8)
-def global_metadata(platform: PlatformConfig) -> GlobalMetadata:
-    """The table for a platform (read-only: cached per platform)."""
+def global_metadata(platform: PlatformConfig, module: ModuleImage,
+                    handoff: HandoffHeader = NO_HANDOFF) -> GlobalMetadata:
+    """The table of ``module`` running on ``platform`` with ``handoff`` in its data region
+    (read-only: cached). MODULE_HV, MIN_UPDATE_HV and NO_DOWNGRADE read the module's build
+    constants (metadata_sys.c), which the software module takes from its SIGSTRUCT; NUM_HANDOFF_PAGES
+    is pages - 1 of the one page it uses."""
     singles: dict[int, int] = {
         Field.NUM_PKGS: len(platform.packages),
-        Field.MINOR_VERSION: platform.minor_version,
-        Field.MAJOR_VERSION: platform.major_version,
-        Field.UPDATE_VERSION: platform.update_version,
-        Field.MODULE_HV: platform.module_hv,
+        Field.MINOR_VERSION: module.minor_version,
+        Field.MAJOR_VERSION: module.major_version,
+        Field.UPDATE_VERSION: module.update_version,
+        Field.MODULE_HV: module.module_hv,
+        Field.MIN_UPDATE_HV: module.min_update_hv,
+        Field.NO_DOWNGRADE: int(module.no_downgrade),
+        Field.NUM_HANDOFF_PAGES: 0,
+        Field.HANDOFF_DATA_VALID: int(handoff.valid),
+        Field.HANDOFF_DATA_HV: handoff.hv,
+        Field.HANDOFF_DATA_SIZE: handoff.size,
         Field.TDX_FEATURES0: platform.tdx_features0,
         Field.NUM_CMRS: MAX_CMR,
         Field.MAX_TDMRS: platform.max_tdmrs,

@@ -6,8 +6,11 @@ td.py, both on the state of state.py; ``_HANDLERS`` below registers them.
 Lifecycle (as the real module): SYSINIT_PENDING -TDH.SYS.INIT-> SYSINIT_DONE -TDH.SYS.LP.INIT on
 every LP, TDH.SYS.CONFIG-> SYSCONFIG_DONE -TDH.SYS.KEY.CONFIG on every package-> SYS_READY
 (TDH.SYS.TDMR.INIT until each TDMR is initialized) -TDH.SYS.DISABLE-> SYS_SHUTDOWN, from which only
-TDH.SYS.INIT starts over. The state survives guest reboots and kexec, as firmware state does;
-``power_cycle()`` models a machine reset or power-off.
+TDH.SYS.INIT starts over. A runtime update: SYS_READY -TDH.SYS.SHUTDOWN-> SYS_SHUTDOWN with handoff
+data, SEAMLDR.INSTALL on every LP (seamldr.py) loads the new module in SYSINIT_PENDING, then
+TDH.SYS.INIT, LP.INIT on every LP and TDH.SYS.UPDATE take it to SYS_READY with the old state.
+The state survives guest reboots and kexec, as firmware state does; ``power_cycle()`` models a
+machine reset or power-off.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.seam import abi, host_init, td
+from harness.seam import abi, host_init, seamldr, td
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.call import Call, SeamcallRequest, SeamcallResult, as_loaded, loaded_registers
 from harness.seam.exits import ExitScript
@@ -28,7 +31,7 @@ from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
 from harness.seam.platform import PlatformConfig
 from harness.seam.profiles import MAX_LEAF_VERSION
-from harness.seam.state import Handler, ModuleState, Seam, SysState
+from harness.seam.state import Handler, LoaderState, ModuleState, Seam, SysState
 from harness.seam.trace import REGISTERS, Trace, TraceRecord
 
 log = logging.getLogger("harness.seam")
@@ -39,14 +42,17 @@ class HelloAck:
     module_present: bool
     nr_mktme_keyids: int
     nr_tdx_keyids: int
+    no_seamret_invd_vmcs: bool  # IA32_VMX_BASIC bit 60: P-SEAMLDR calls keep the current VMCS
 
 
 @dataclass(frozen=True)
 class ModuleSnapshot:
-    """The module as a saved machine left it: its state, the boots it saw and its trace so far
-    (the platform and fault plan belong to the machine's configuration, not to the snapshot)."""
+    """The module as a saved machine left it: its state, the P-SEAMLDR's, the boots it saw and
+    its trace so far (the platform and fault plan belong to the machine's configuration, not to
+    the snapshot)."""
 
     state: ModuleState
+    loader: LoaderState
     boots: int
     records: tuple[TraceRecord, ...]
 
@@ -59,7 +65,8 @@ class TdxModule:
         self.faults = FaultPlan() if faults is None else faults
         self.trace = Trace() if trace is None else trace  # an empty Trace is falsy
         # The exits are what TDH.VP.ENTER reports: the guest is scripted, not run.
-        self.seam = Seam(PlatformConfig() if platform is None else platform, ModuleState(), ExitScript(),
+        platform = PlatformConfig() if platform is None else platform
+        self.seam = Seam(platform, ModuleState(), LoaderState.for_platform(platform), ExitScript(),
                          clock=self.trace.now)
         self.boots = 0
         self.anomalies: list[str] = []
@@ -88,19 +95,22 @@ class TdxModule:
         (run_dir / "faults.json").write_text(self.faults.to_json())
 
     def snapshot(self) -> ModuleSnapshot:
-        return ModuleSnapshot(copy.deepcopy(self.state), self.boots, tuple(self.trace.records))
+        return ModuleSnapshot(copy.deepcopy(self.state), copy.deepcopy(self.seam.loader), self.boots,
+                              tuple(self.trace.records))
 
     def restore(self, snap: ModuleSnapshot) -> None:
         """Continue from ``snap``: as the firmware state of a machine restored from a file."""
         self.state, self.boots = copy.deepcopy(snap.state), snap.boots
+        self.seam.loader = copy.deepcopy(snap.loader)
         for record in snap.records:
             self.trace.append(record)
         if snap.records:  # the trace's clock goes on from the last call, not from zero
             self.trace.start = time.monotonic() - snap.records[-1].time
 
     def power_cycle(self) -> None:
-        """Machine reset or power-off: the BIOS reloads the module, all state is gone."""
+        """Machine reset or power-off: the BIOS reloads its module, all state is gone."""
         self.state = ModuleState()
+        self.seam.loader = LoaderState.for_platform(self.platform)
 
     def hello(self, nr_cpus: int, boot_apic_id: int) -> HelloAck:
         """A kernel started talking (boot, reboot or kexec): record it, answer the partition."""
@@ -110,7 +120,8 @@ class TdxModule:
                          f"{len(self.platform.cpus)}")
         log.info("HELLO boot %d: %d CPUs, boot APIC id %d, module state %s", self.boots, nr_cpus,
                  boot_apic_id, self.state.sys.value)
-        return HelloAck(self.platform.module_present, self.platform.nr_mktme_keyids, self.platform.nr_tdx_keyids)
+        return HelloAck(self.platform.module_present, self.platform.nr_mktme_keyids, self.platform.nr_tdx_keyids,
+                        not self.platform.seamret_invd_vmcs_erratum)
 
     def anomaly(self, text: str) -> None:
         log.warning("%s", text)
@@ -120,7 +131,7 @@ class TdxModule:
 
     def call(self, sent: SeamcallRequest, memory: PhysicalMemory) -> SeamcallResult:
         request = as_loaded(sent)
-        number = request.fn & abi.LEAF_NUMBER_MASK
+        number = abi.leaf_key(request.fn)
         package = self.platform.package_of(request.cpu)
         call = Call(request, memory, package)
         nth = self.state.calls_per_leaf.get(number, 0) + 1
@@ -151,15 +162,19 @@ class TdxModule:
         if not self.platform.module_present:
             return Status.TDX_SEAMCALL_VMFAILINVALID
         if request.fn & abi.P_SEAMLDR_LEAF_BIT:
-            call.note = "no P-SEAMLDR is modelled"
+            return self._dispatch_seamldr(call)
+        if not self.seam.loader.seam_ready:
+            call.note = "SEAM_READY is clear: a module update is under way or failed"
             return Status.TDX_SEAMCALL_VMFAILINVALID
         number = request.fn & abi.LEAF_NUMBER_MASK
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
         if request.fn >> 24 or not self.platform.profile.leaf_version_ok(number, version):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
         # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
-        # module source implements DISABLE); the real SYS_SHUTDOWN (leaf 52) takes LP.SHUTDOWN only.
-        if self.state.sys is SysState.SYS_SHUTDOWN and number not in _SHUTDOWN_LEAVES:
+        # module source implements DISABLE); after TDH.SYS.SHUTDOWN (the handoff is written) the
+        # module takes LP.SHUTDOWN only, as the real one, and DISABLE (Linux's reboot path).
+        if self.state.sys is SysState.SYS_SHUTDOWN and number not in (
+                _DISABLED_LEAVES if self.state.handoff is None else _HANDED_OFF_LEAVES):
             return Status.TDX_SYS_SHUTDOWN
         if self.state.sys is not SysState.SYS_READY and number not in _BEFORE_READY_LEAVES:
             return Status.TDX_SYS_NOT_READY
@@ -188,6 +203,20 @@ class TdxModule:
             call.note = str(err)
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
 
+    def _dispatch_seamldr(self, call: Call) -> int:
+        if not self.platform.seamldr_present:
+            call.note = "the platform has no P-SEAMLDR"
+            return Status.TDX_SEAMCALL_VMFAILINVALID
+        handler = seamldr.HANDLERS.get(abi.leaf_key(call.request.fn))
+        if handler is None:
+            call.note = "P-SEAMLDR leaf not modelled by the software module"
+            return abi.SeamldrStatus.PSEAMLDR_EBADPARAM
+        try:
+            return handler(self.seam, call)
+        except MemoryAccessError as err:
+            call.note = str(err)
+            return abi.SeamldrStatus.PSEAMLDR_EBADPARAM
+
     def _record(self, request: SeamcallRequest, regs: tuple[int, ...], status: int, injected: str | None,
                 note: str | None) -> None:
         self.trace.append(TraceRecord(
@@ -195,7 +224,7 @@ class TdxModule:
             fn=request.fn, leaf=abi.leaf_name(request.fn), variant=int(request.variant),
             inputs=dict(zip(REGISTERS[:loaded_registers(request)], request.regs)),
             outputs={name: value for name, value, old in zip(REGISTERS, regs, request.regs) if value != old},
-            status=status, status_name=abi.status_name(status), injected=injected, note=note))
+            status=status, status_name=abi.status_name(status, request.fn), injected=injected, note=note))
 
 
 _HANDLERS: dict[int, Handler] = {**host_init.HANDLERS, **td.HANDLERS}
@@ -205,4 +234,5 @@ _KNOWN_LEAVES = frozenset(int(leaf) for leaf in Leaf)
 _BEFORE_READY_LEAVES = frozenset({Leaf.TDH_SYS_INFO, Leaf.TDH_SYS_RD, Leaf.TDH_SYS_RDALL, Leaf.TDH_SYS_INIT,
                                   Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_CONFIG, Leaf.TDH_SYS_KEY_CONFIG,
                                   Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_UPDATE, Leaf.TDH_SYS_DISABLE})
-_SHUTDOWN_LEAVES = frozenset({Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE})
+_DISABLED_LEAVES = frozenset({Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE})
+_HANDED_OFF_LEAVES = frozenset({Leaf.TDH_SYS_LP_SHUTDOWN, Leaf.TDH_SYS_DISABLE})

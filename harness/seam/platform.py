@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from harness.seam import abi
+from harness.seam.image import DEFAULT_SIGNER, ModuleImage
 from harness.seam.profiles import DEFAULT_PROFILE, ModuleProfile, profile
 
 
@@ -83,11 +84,25 @@ class PlatformConfig:
     minor_version: int = profile(DEFAULT_PROFILE).minor_version
     update_version: int = profile(DEFAULT_PROFILE).update_version
     tdx_features0: int = profile(DEFAULT_PROFILE).tdx_features0
+    # The handoff fields of the module's SIGSTRUCT (0 and off: the module source's build defaults,
+    # proj_defs.mk).
     module_hv: int = 0
+    min_update_hv: int = 0
+    no_downgrade: bool = False
+    # The P-SEAMLDR (runtime module update): whether there is one, the version SEAMLDR.INFO
+    # reports, how many updates it can still install (SEAMDB entries left), which image signers
+    # it trusts (image.py).
+    seamldr_present: bool = True
+    seamldr_version: tuple[int, int, int] = (2, 0, 0)
+    seamldr_updates: int = 4
+    seamldr_signers: tuple[str, ...] = (DEFAULT_SIGNER,)
     max_tdmrs: int = 64
     max_reserved_per_tdmr: int = 16
     pamt_entry_sizes: tuple[int, int, int] = (abi.PAMT_ENTRY_SIZE,) * 3  # 4K, 2M, 1G
     partial_write_erratum: bool = False
+    # The CPU clears the current VMCS when a P-SEAMLDR call returns (IA32_VMX_BASIC bit 60
+    # clear): Linux then refuses P-SEAMLDR calls and hides the module-update ABI.
+    seamret_invd_vmcs_erratum: bool = False
     # TDMR.INIT initializes this many bytes of a TDMR per call: 4 MiB in the real module (it
     # bounds the latency of one SEAMCALL); larger only to make a test faster.
     tdmr_init_chunk: int = abi.TDMR_INIT_CHUNK
@@ -122,6 +137,8 @@ class PlatformConfig:
             raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
         if self.cache_wb_chunks < 1:
             raise ValueError("cache_wb_chunks must be >= 1")
+        if self.seamldr_updates < 0:
+            raise ValueError("seamldr_updates must be >= 0")
         if self.tdcs_base_size % abi.SZ_4K or self.tdvps_base_size < 2 * abi.SZ_4K:
             raise ValueError("TDCS/TDVPS sizes are whole pages; TDVPS has a TDVPR and a TDCX at least")
 
@@ -137,6 +154,13 @@ class PlatformConfig:
     @property
     def profile(self) -> ModuleProfile:
         return profile(self.module_profile)
+
+    @property
+    def module_image(self) -> ModuleImage:
+        """The module the BIOS loaded (what runs until a runtime update replaces it)."""
+        return ModuleImage(self.major_version, self.minor_version, self.update_version,
+                           module_hv=self.module_hv, min_update_hv=self.min_update_hv,
+                           no_downgrade=self.no_downgrade)
 
     @property
     def tdx_keyid_start(self) -> int:

@@ -14,6 +14,7 @@ from harness.seam import abi
 from harness.seam.abi import OperandId, PageType, SeptState, Status
 from harness.seam.call import Call
 from harness.seam.exits import ExitScript
+from harness.seam.image import ModuleImage
 from harness.seam.measure import MrtdBuilder
 from harness.seam.platform import PlatformConfig
 from harness.seam.td_params import CpuidValue, TdParams
@@ -135,9 +136,40 @@ class WbCacheProgress:
     chunks_done: int = 0
 
 
+@dataclass(frozen=True)
+class HandoffHeader:
+    """The handoff data's header (loader_data.h: valid, HV, size), as TDH.SYS.RD reports it."""
+
+    valid: bool = False
+    hv: int = 0
+    size: int = 0
+
+
+NO_HANDOFF = HandoffHeader()
+# HANDOFF_DATA_SIZE of a valid handoff: the software module's handoff has no byte layout, so it
+# reports the whole area of one handoff page ((NUM_HANDOFF_PAGES + 1) * 4K - 8 bytes).
+HANDOFF_DATA_SIZE = abi.SZ_4K - 8
+
+
+@dataclass
+class Handoff:
+    """What TDH.SYS.SHUTDOWN leaves for the next module (prepare_handoff_data(), helpers.c) and
+    TDH.SYS.UPDATE takes back: the KOT, WBT, TDMR table, global HKID and configured packages.
+    The software module hands over its whole state, as the rest (PAMT, TDR, TDCS, TD pages) is
+    memory that an update does not touch on hardware."""
+
+    hv: int
+    preserved: ModuleState
+
+    @property
+    def header(self) -> HandoffHeader:
+        return HandoffHeader(True, self.hv, HANDOFF_DATA_SIZE)
+
+
 @dataclass
 class ModuleState:
     sys: SysState = SysState.SYSINIT_PENDING
+    handoff: Handoff | None = None  # written by TDH.SYS.SHUTDOWN, kept in the SEAM range
     lp_initialized: set[int] = field(default_factory=set)
     packages_configured: set[int] = field(default_factory=set)
     global_keyid: int | None = None
@@ -178,14 +210,37 @@ class ModuleState:
 
 
 @dataclass
+class LoaderState:
+    """The P-SEAMLDR's state (the loader's pseamldr_data_t) and the module it loaded: it outlives
+    the module's TDH.SYS.INIT; a power cycle starts it over from the platform."""
+
+    running: ModuleImage
+    remaining_updates: int
+    seam_ready: bool = True  # SEAMEXTEND.SEAM_READY: SEAMCALLs reach the module
+    update_lps: set[int] = field(default_factory=set)  # LPs that ran SEAMLDR.INSTALL this session
+    seam_ready_before: bool = True  # SEAM_READY when the session's first INSTALL cleared it
+
+    @classmethod
+    def for_platform(cls, platform: PlatformConfig) -> LoaderState:
+        return cls(platform.module_image, platform.seamldr_updates)
+
+
+@dataclass
 class Seam:
     """What a leaf handler works on: the platform, the module's state (replaced whole by
-    TDH.SYS.INIT and a power cycle), what TDH.VP.ENTER reports, and the module's clock."""
+    TDH.SYS.INIT and a power cycle), the P-SEAMLDR's, what TDH.VP.ENTER reports, and the
+    module's clock."""
 
     platform: PlatformConfig
     state: ModuleState
+    loader: LoaderState
     exits: ExitScript
     clock: Callable[[], float]  # seconds since the module started
+
+    @property
+    def handoff_header(self) -> HandoffHeader:
+        handoff = self.state.handoff
+        return NO_HANDOFF if handoff is None else handoff.header
 
 
 Handler = Callable[[Seam, Call], int]

@@ -165,21 +165,29 @@ class Hello:
         return cls(version, cpus, apic)
 
 
+# HELLO_ACK flags
+HELLO_MODULE_PRESENT = 1 << 0
+HELLO_NO_SEAMRET_INVD_VMCS = 1 << 1  # IA32_VMX_BASIC bit 60 of the platform's CPUs
+
+
 @dataclass(frozen=True)
 class HelloAckPayload:
     FMT = struct.Struct("<4I")
     module_present: bool
     nr_mktme_keyids: int
     nr_tdx_keyids: int
+    no_seamret_invd_vmcs: bool = False
 
     def frame(self, seq: int) -> Frame:
-        return Frame(FrameType.HELLO_ACK, seq, self.FMT.pack(PROTO_VERSION, int(self.module_present),
-                                                             self.nr_mktme_keyids, self.nr_tdx_keyids))
+        flags = (HELLO_MODULE_PRESENT if self.module_present else 0) | \
+            (HELLO_NO_SEAMRET_INVD_VMCS if self.no_seamret_invd_vmcs else 0)
+        return Frame(FrameType.HELLO_ACK, seq, self.FMT.pack(PROTO_VERSION, flags, self.nr_mktme_keyids,
+                                                             self.nr_tdx_keyids))
 
     @classmethod
     def parse(cls, frame: Frame) -> HelloAckPayload:
         _, flags, mktme, tdx = _unpack(cls.FMT, frame, "HELLO_ACK", exact=True)
-        return cls(bool(flags & 1), mktme, tdx)
+        return cls(bool(flags & HELLO_MODULE_PRESENT), mktme, tdx, bool(flags & HELLO_NO_SEAMRET_INVD_VMCS))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ the server is listening before the emulator starts."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -261,7 +262,7 @@ class SeamServer:
                                     received=hello)
             with self.lock:
                 ack = self.module.hello(hello.nr_cpus, hello.boot_apic_id)
-            channel.send(HelloAckPayload(ack.module_present, ack.nr_mktme_keyids, ack.nr_tdx_keyids).frame(frame.seq))
+            channel.send(HelloAckPayload(**dataclasses.asdict(ack)).frame(frame.seq))
         elif frame.type is FrameType.CALL:
             call = CallPayload.parse(frame)
             request = SeamcallRequest(call.apic_id, call.fn, call.regs, Variant(call.variant))

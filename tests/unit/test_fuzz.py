@@ -164,9 +164,22 @@ def cpu_value(rng: random.Random, platform: PlatformConfig) -> int:
 # --- 1. SEAMCALL sequences straight into the module -------------------------------------------
 
 
-def assert_named_status(status: int) -> None:
+def assert_named_status(status: int, fn: int = 0) -> None:
     assert 0 <= status <= U64
-    assert status == 0 or abi.status_name(status) != f"{status:#018x}", f"unnamed status {status:#x}"
+    assert status == 0 or abi.status_name(status, fn) != f"{status:#018x}", f"unnamed status {status:#x}"
+
+
+@dataclass(frozen=True)
+class Before:
+    """The module as the call found it: what the dispatcher decides on."""
+
+    sys: SysState
+    handed_off: bool  # TDH.SYS.SHUTDOWN wrote handoff data
+    seam_ready: bool
+
+    @classmethod
+    def of(cls, module: TdxModule) -> Before:
+        return cls(module.state.sys, module.state.handoff is not None, module.seam.loader.seam_ready)
 
 
 @dataclass
@@ -176,28 +189,32 @@ class Oracle:
     module: TdxModule
     shut_down: bool = False  # a TDH.SYS.DISABLE succeeded and no TDH.SYS.INIT since
 
-    def check(self, request: SeamcallRequest, status: int, regs: tuple[int, ...]) -> None:
+    def check(self, request: SeamcallRequest, before: Before, status: int, regs: tuple[int, ...]) -> None:
         module = self.module
         record = module.trace.records[-1]
         assert (record.fn, record.cpu, record.status) == (request.fn, request.cpu, status), "trace disagrees"
-        assert_named_status(status)
+        assert_named_status(status, request.fn)
         assert len(regs) == len(REGISTERS) and all(0 <= r <= U64 for r in regs)
         assert {k: v for k, v in record.outputs.items()} == {
             name: new for name, new, old in zip(REGISTERS, regs, request.regs) if new != old}
         number = request.fn & abi.LEAF_NUMBER_MASK
         bad_rax = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
-        if request.fn & abi.P_SEAMLDR_LEAF_BIT:
-            assert status == Status.TDX_SEAMCALL_VMFAILINVALID
+        if request.fn & abi.P_SEAMLDR_LEAF_BIT:  # the loader answers in its own statuses
+            assert status in abi.SeamldrStatus._value2member_map_, record
+            return
+        if not before.seam_ready:  # an update session cleared SEAM_READY
+            assert status == Status.TDX_SEAMCALL_VMFAILINVALID, record
             return
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
         if request.fn >> 24 or not (version == 0 or number in module.platform.profile.versioned_leaves):
             assert status == bad_rax  # the encoding first (tdx_vmm_dispatcher.c)
             return
         # Then the module state, before the leaf is even looked at (tdx_vmm_dispatcher.c).
-        if module.state.sys is SysState.SYS_SHUTDOWN and number not in SHUTDOWN_LEAVES:
+        if before.sys is SysState.SYS_SHUTDOWN and number not in (
+                HANDED_OFF_LEAVES if before.handed_off else SHUTDOWN_LEAVES):
             assert status == Status.TDX_SYS_SHUTDOWN, record
             return
-        if module.state.sys is not SysState.SYS_READY and number not in BEFORE_READY_LEAVES:
+        if before.sys is not SysState.SYS_READY and number not in BEFORE_READY_LEAVES:
             assert status == Status.TDX_SYS_NOT_READY, record
             return
         # Which leaves are modelled grows with the module: judge by what the record says.
@@ -228,6 +245,8 @@ class Oracle:
 BEFORE_READY_LEAVES = {32, 34, 37, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_LP_INIT, Leaf.TDH_SYS_CONFIG,
                        Leaf.TDH_SYS_KEY_CONFIG, 44, Leaf.TDH_SYS_UPDATE, Leaf.TDH_SYS_DISABLE}
 SHUTDOWN_LEAVES = {44, Leaf.TDH_SYS_INIT, Leaf.TDH_SYS_DISABLE}
+# After TDH.SYS.SHUTDOWN (tdh_sys_shutdown.c: the handoff written) SYS.INIT is refused too.
+HANDED_OFF_LEAVES = {44, Leaf.TDH_SYS_DISABLE}
 
 
 def fresh_module(profile: str = DEFAULT_PROFILE) -> tuple[TdxModule, SparseMemory]:
@@ -251,8 +270,9 @@ def run_sequence(rng: random.Random, length: int) -> list[tuple[int, tuple[int, 
                 for _ in range(length)]
     out = []
     for request in requests:
+        before = Before.of(module)
         result = module.call(request, memory)
-        oracle.check(request, result.status, result.regs)
+        oracle.check(request, before, result.status, result.regs)
         out.append((result.status, result.regs))
     # The module is deterministic: the same calls on a fresh module give the same answers.
     again, memory = fresh_module(profile)
@@ -567,7 +587,7 @@ def check_hostile(guest: Guest, case: Case) -> None:
             assert answer.type is FrameType.RETURN, texts
             record = module.trace.records[calls]
             assert ReturnPayload.parse(answer).status == record.status
-            assert_named_status(record.status)
+            assert_named_status(record.status, record.fn)
     elif case.kind is Kind.GARBAGE_HELLO:
         answer = next(f for f in answers.frames if f.seq == case.seq)
         (version, cpus, _, _) = Hello.FMT.unpack_from(case.data, HEADER.size)
