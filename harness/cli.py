@@ -1,7 +1,7 @@
 """The ``tdxh`` command line (also ``python -m harness``): one subcommand per user task.
 
 Subcommands that need a kernel or an emulator live beside this file's helpers; the offline ones
-(``pamt-model``, ``trace``) work anywhere.
+(``pamt-model``, ``trace``, ``coverage``, ``module-image``) work anywhere.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from harness.coverage import report as coverage_report
 from harness.coverage.objects import CoverageBuildError
 from harness.observe import pamt
+from harness.seam import image
 from harness.seam.trace import format_record, read_trace
 
 
@@ -88,6 +89,25 @@ def _newer_counters(directory: Path, summary: Path) -> bool:
     return any(e.stat().st_mtime > summary.stat().st_mtime for e in events)
 
 
+def cmd_module_image(args: argparse.Namespace) -> int:
+    try:
+        major, minor, update = image.parse_version(args.version)
+        module = image.ModuleImage(major, minor, update, build_num=args.build, module_hv=args.module_hv,
+                                   min_update_hv=args.min_update_hv, no_downgrade=args.no_downgrade)
+        data = image.build_image(module, signer="" if args.unsigned else args.signer,
+                                 nr_module_pages=args.pages, corrupt=args.corrupt)
+        args.out.write_bytes(data)
+    except (ValueError, OSError) as err:
+        print(f"module-image: {err}", file=sys.stderr)
+        return 2
+    signed = "unsigned" if args.unsigned else f"signed by {args.signer!r}"
+    broken = f", corrupted: {args.corrupt}" if args.corrupt else ""
+    print(f"{args.out}: TDX module {module.version_text} (MODULE_HV {module.module_hv}, MIN_UPDATE_HV "
+          f"{module.min_update_hv}{', NO_DOWNGRADE' if module.no_downgrade else ''}), {signed}, "
+          f"{len(data)} bytes{broken}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdxh", description="Test harness for the Linux TDX host code.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -112,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unreached", type=int, default=0, metavar="N", help="the N largest unreached functions a file")
     p.add_argument("--merge", action="store_true", help="merge the counters again even if the report looks current")
     p.set_defaults(func=cmd_coverage)
+
+    p = sub.add_parser("module-image", help="write a TDX module update image for the software P-SEAMLDR "
+                       "(the format seamldr.c parses)")
+    p.add_argument("--version", required=True, help="the module version it installs, MAJOR.MINOR.UPDATE")
+    p.add_argument("--build", type=int, default=0, help="build number (default 0)")
+    p.add_argument("--module-hv", type=int, default=0, help="MODULE_HV: the handoff version it writes (default 0)")
+    p.add_argument("--min-update-hv", "--minor-handoff", type=int, default=0, dest="min_update_hv",
+                   help="MIN_UPDATE_HV: the oldest handoff version it takes over from (default 0)")
+    p.add_argument("--no-downgrade", action="store_true", help="set NO_DOWNGRADE in its SIGSTRUCT")
+    p.add_argument("--signer", default=image.DEFAULT_SIGNER,
+                   help=f"who seals the SIGSTRUCT (the platform trusts {image.DEFAULT_SIGNER!r} by default)")
+    p.add_argument("--unsigned", action="store_true", help="no trusted signer: the loader answers EBADSIG")
+    p.add_argument("--pages", type=int, default=1, help="module pages (default 1; Linux takes up to "
+                   f"{image.SEAMLDR_MAX_NR_MODULE_PAGES})")
+    p.add_argument("--corrupt", choices=image.CORRUPTIONS, help="break one part of the image")
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=cmd_module_image)
 
     from harness import commands  # the subcommands that build and boot
     commands.add_subcommands(sub)

@@ -315,3 +315,10 @@ def _write_member(out: io.BufferedIOBase, ino: int, path: str, mode: int, nlink:
 
 def _padding(length: int) -> bytes:
     return b"\0" * (-length % 4)
+
+
+def modprobe_command(module: str) -> str:
+    """The guest command that loads ``module`` and what it depends on. busybox modprobe needs
+    modules.dep, which `make modules_install` skips on a host without depmod (kmod): busybox's
+    own depmod writes it first in the guest's writable root."""
+    return f'{{ [ -e "/lib/modules/$(uname -r)/modules.dep" ] || depmod; }} && modprobe {module}'

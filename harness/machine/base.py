@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import abc
 import atexit
+import base64
 import enum
+import gzip
+import hashlib
 import logging
 import re
 import subprocess
@@ -20,6 +23,7 @@ from harness.machine.console import CommandResult, Console, ConsoleClosed, Conso
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PUT_LINE = 3000  # base64 characters a line of put_file()
 
 # Every machine that was started, stopped again when the interpreter exits: an interrupt that
 # lands between start() and the caller's try/finally (a Ctrl-C at the wrong bytecode) must still
@@ -169,6 +173,25 @@ class Machine(abc.ABC):
     def hang_report(self) -> Path | None:
         """Write what the emulator knows of a guest that stopped answering; the file, or None."""
         return None
+
+    def put_file(self, path: str, data: bytes, timeout: float) -> None:
+        """Write ``data`` to ``path`` in the guest over the command channel: gzip, then base64
+        in lines the tty takes whole (its line buffer holds 4095 bytes), checked by MD5."""
+        encoded = base64.b64encode(gzip.compress(data, mtime=0)).decode()
+        staging = f"{path}.b64"
+        steps = [f": > {staging}"] + [f"printf %s '{encoded[i:i + PUT_LINE]}' >> {staging}"
+                                      for i in range(0, len(encoded), PUT_LINE)]
+        steps.append(f"base64 -d {staging} | gunzip > {path} && rm {staging} && md5sum {path}")
+        deadline = Deadline.after(timeout)
+        for step in steps:
+            result = self.run(step, max(deadline.remaining(), 1.0))
+            if result.status != 0:
+                raise MachineError(f"copying {len(data)} bytes to {path}: `{step[:60]}...` exited "
+                                   f"{result.status}: {result.output[-300:]}")
+        digest = hashlib.md5(data).hexdigest()
+        if not result.output.startswith(digest):
+            raise MachineError(f"copying {len(data)} bytes to {path}: MD5 {digest} expected, the guest "
+                               f"has {result.output.strip()!r}")
 
     def send(self, cmd: str) -> None:
         """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash)."""

@@ -20,6 +20,8 @@ import enum
 import shlex
 from dataclasses import dataclass
 
+from harness.images.initramfs import modprobe_command
+
 PAGE_SHIFT = 12
 PAGE_MASK = ~((1 << PAGE_SHIFT) - 1)
 U64 = (1 << 64) - 1
@@ -186,10 +188,7 @@ def debugfs_setup_command(fake_panic: bool, rendezvous: bool) -> str:
     without LMCE_S Linux would wait a second for the others, time out and call mce_panic()
     without the record (so without the TDX check); with no timeout each CPU handles its own
     banks and reaches mce_panic() with the record."""
-    # busybox modprobe needs modules.dep, which `make modules_install` skips on a host without
-    # depmod (kmod): busybox's own depmod writes it in the guest's writable root.
-    steps = ['{ [ -e "/lib/modules/$(uname -r)/modules.dep" ] || depmod; }', "modprobe mce-inject",
-             f"echo {int(fake_panic)} > {DEBUGFS_FAKE_PANIC}"]
+    steps = [modprobe_command("mce-inject"), f"echo {int(fake_panic)} > {DEBUGFS_FAKE_PANIC}"]
     if not rendezvous:
         steps.append(f"echo 0 > {SYSFS_MONARCH_TIMEOUT}")
     return " && ".join(steps)

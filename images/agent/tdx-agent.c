@@ -32,6 +32,9 @@
  *                               for a failed entry its reason). KVM keeps a halted vCPU in
  *                               KVM_RUN: an alarm every T ms (default 2000) ends it with EINTR.
  *                               After an "in" port exit the guest is handed V on the next run.
+ *   pause[:timeout_ms=T]        let the host act while the TD exists: create PAUSED_FILE, wait
+ *                               (up to T ms, default 600000) until RESUME_FILE exists, remove
+ *                               both; ret -1 with ETIMEDOUT if it never came
  *   destroy                     close every fd: KVM tears the TD down
  *
  * Every KVM_MEMORY_ENCRYPT_OP step also takes flags=F and hw_error=H (the kernel refuses a
@@ -606,6 +609,32 @@ static void step_destroy(const struct step *s)
 	report(s, "close", 0, 0, 0, NULL);
 }
 
+#define PAUSED_FILE "/tmp/tdx-agent.paused"
+#define RESUME_FILE "/tmp/tdx-agent.resume"
+
+static void step_pause(const struct step *s)
+{
+	uint64_t waited_ms = 0, timeout_ms = arg_or(s, "timeout_ms", 600000);
+	int fd = open(PAUSED_FILE, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	long ret = -1;
+	int err = errno;
+
+	if (fd >= 0) {
+		close(fd);
+		err = ETIMEDOUT;
+		for (; waited_ms < timeout_ms; waited_ms += 10) {
+			if (access(RESUME_FILE, F_OK) == 0) {
+				ret = 0;
+				break;
+			}
+			usleep(10000);
+		}
+		unlink(RESUME_FILE);
+		unlink(PAUSED_FILE);
+	}
+	report(s, "none", ret, err, 0, ", \"waited_ms\": %" PRIu64, waited_ms);
+}
+
 static const struct {
 	const char *name;
 	void (*run)(const struct step *);
@@ -624,6 +653,7 @@ static const struct {
 	{ "init_mem_region", step_init_mem_region },
 	{ "finalize", step_finalize },
 	{ "run", step_run },
+	{ "pause", step_pause },
 	{ "destroy", step_destroy },
 };
 

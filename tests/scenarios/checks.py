@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import pytest
+
 from harness.machine.base import Machine
 from harness.machine.console import CommandResult
 from harness.machine.qemu import QemuMachine
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
+from harness.observe.kvm import LOAD_KVM_INTEL
 from harness.seam import abi
 from harness.seam.abi import Leaf
+from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
 from harness.seam.trace import TraceRecord
 
@@ -91,3 +95,28 @@ def assert_kvm_refused_tdx(machine: Machine, load: CommandResult) -> None:
     assert load.status != 0, f"kvm_intel tdx=1 loaded on a module without TOPOLOGY_ENUM: {load.output}"
     assert machine.run("test -e /sys/module/kvm_intel", DMESG_TIMEOUT).status != 0, "kvm_intel stayed loaded"
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
+
+
+KVM_TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a TD page costs 17 of them
+
+
+def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
+    """A VMX machine with kvm_intel loaded with tdx=1; skips (after checking the refusal) on a
+    module release KVM does not take."""
+    machine = vmx_boot(faults=faults)
+    loaded = machine.run(LOAD_KVM_INTEL, KVM_TIMEOUT)
+    if not kvm_takes_tdx(machine.module.platform):
+        assert_kvm_refused_tdx(machine, loaded)
+        pytest.skip(f"module profile {machine.module.platform.module_profile}: KVM refuses TDX on it (checked); "
+                    "no TD to run")
+    assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
+    return machine
+
+
+def assert_no_td_left(machine: Machine) -> None:
+    """After teardown the module holds no TD, no page it assigned to one, and every guest
+    KeyID is free again (only the module's global KeyID is taken)."""
+    state = machine.module.state
+    assert not state.tds, f"TDs left in the module: {[hex(tdr) for tdr in state.tds]}"
+    assert not state.pages, f"pages still assigned: {[(hex(pa << 12), o) for pa, o in state.pages.items()][:8]}"
+    assert set(state.kot) == {state.global_keyid}, f"KeyIDs not freed: {state.kot}"

@@ -13,7 +13,7 @@ import errno
 import hashlib
 
 import pytest
-from checks import assert_kvm_refused_tdx, kernel_log, kvm_takes_tdx
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
 
 from harness.machine.base import Machine
 from harness.observe import patterns
@@ -24,7 +24,6 @@ from harness.observe.kvm import (
     KVM_EXIT_IO_OUT,
     KVM_EXIT_SYSTEM_EVENT,
     KVM_SYSTEM_EVENT_TDX_FATAL,
-    LOAD_KVM_INTEL,
     TO_MEMORY,
     USER_TDVMCALLINFO_1_R11,
     VCPU_REGS_R11,
@@ -43,34 +42,14 @@ from harness.seam.trace import TraceRecord
 
 pytestmark = [pytest.mark.vm, pytest.mark.vmx]
 
-TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a page costs 17 of them
+TIMEOUT = KVM_TIMEOUT
 KVM_X86_TDX_VM = 5
 PAGE = 4096
 MR_EXTEND_CHUNK = 256
 
 
-def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
-    machine = vmx_boot(faults=faults)
-    loaded = machine.run(LOAD_KVM_INTEL, TIMEOUT)
-    if not kvm_takes_tdx(machine.module.platform):
-        assert_kvm_refused_tdx(machine, loaded)
-        pytest.skip(f"module profile {machine.module.platform.module_profile}: KVM refuses TDX on it (checked); "
-                    "no TD to run")
-    assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
-    return machine
-
-
 def records_since(machine: Machine, start: int) -> list[TraceRecord]:
     return machine.module.trace.records[start:]
-
-
-def assert_no_td_left(machine: Machine) -> None:
-    """After teardown the module holds no TD, no page it assigned to one, and every guest
-    KeyID is free again (only the module's global KeyID is taken)."""
-    state = machine.module.state
-    assert not state.tds, f"TDs left in the module: {[hex(tdr) for tdr in state.tds]}"
-    assert not state.pages, f"pages still assigned: {[(hex(pa << 12), o) for pa, o in state.pages.items()][:8]}"
-    assert set(state.kot) == {state.global_keyid}, f"KeyIDs not freed: {state.kot}"
 
 
 # --- the spec's MRTD, computed independently of harness/seam/measure.py --------------------------
