@@ -70,6 +70,32 @@ def test_update_sysfs_reports_the_module_and_the_loader(boot, platform_config):
     assert len(infos) == 2 and all(r.status == 0 for r in infos)
 
 
+class ModulePinned(AssertionError):
+    """rmmod tdx_host failed with EAGAIN: something holds a reference on the module."""
+
+
+def assert_unloads(machine) -> None:
+    """rmmod tdx_host removes the device and, through its devm action, the fw_upload device."""
+    unloaded = machine.run("rmmod tdx_host", 60)
+    if unloaded.status != 0 and os.strerror(errno.EAGAIN) in unloaded.output:
+        refs = machine.run("cat /sys/module/tdx_host/refcnt", 30).output.strip()
+        raise ModulePinned(f"rmmod tdx_host: {unloaded.output.strip()} (refcnt {refs})")
+    assert unloaded.status == 0, f"rmmod tdx_host: {unloaded.output.strip()}"
+    for path in (tdx_host.TDX_HOST, tdx_host.FW_UPLOAD):
+        assert machine.run(f"[ -e {path} ]", 30).status != 0, f"{path} outlived rmmod tdx_host"
+
+
+@pytest.mark.xfail(strict=True, raises=ModulePinned,
+                   reason="Linux 7.3: firmware_upload_register(THIS_MODULE) in tdx-host's probe pins the module, and "
+                   "only its module_exit unregisters (docs/upstream/tdx-host-unload-pinned.md)")
+def test_update_tdx_host_unloads_with_the_update_abi(boot):
+    assert_unloads(with_tdx_host(boot(reuse=True)))
+
+
+def test_update_tdx_host_unloads_without_the_update_abi(boot, platform_config):
+    assert_unloads(with_tdx_host(boot(platform=platform_config(seamret_invd_vmcs_erratum=True))))
+
+
 def test_update_abi_hidden_on_a_cpu_with_the_seamret_erratum(boot, platform_config):
     """tdx-host.c supports_runtime_update(): with X86_BUG_SEAMRET_INVD_VMCS (IA32_VMX_BASIC bit
     60 clear) the loader's attributes and the fw_upload device are not there; `version` is."""
