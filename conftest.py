@@ -7,6 +7,7 @@ VMX, else Bochs, else a skip saying why)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -128,14 +129,21 @@ def scenario_coverage(request: pytest.FixtureRequest, images: Images) -> Scenari
     return ScenarioCoverage(root, paths.artifact_name(nodeid), images.coverage, label=nodeid)
 
 
-def _stop_all(machines: Sequence[Machine], coverage: ScenarioCoverage | None) -> None:
-    """The scenario's end: each machine's counters first (while its kernel answers), then stop it."""
+def _stop_all(machines: Sequence[Machine], coverage: ScenarioCoverage | None, node: pytest.Item) -> None:
+    """The scenario's end: each machine's counters first (while its kernel answers), then stop it;
+    then what went wrong between shim and module that the scenario did not declare fails it."""
     for machine in machines:
         try:
             if coverage is not None:
                 coverage.finish(machine)
         finally:
             machine.stop()
+    declared = [re.compile(text) for marker in node.iter_markers("module_anomalies") for text in marker.args]
+    for machine in machines:
+        module = getattr(machine, "module", None)
+        surprises = [a for a in module.anomalies if not any(p.search(a) for p in declared)] if module else []
+        assert not surprises, (f"{machine.run_dir}: the module or its server saw trouble the scenario does not "
+                               "declare (@pytest.mark.module_anomalies(pattern)):\n  " + "\n  ".join(surprises))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -225,7 +233,7 @@ def saved_machines() -> dict[str, SavedMachine]:
 
 
 @pytest.fixture
-def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine],
+def boot(request: pytest.FixtureRequest, images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine],
          tmp_path_factory: pytest.TempPathFactory, scenario_coverage: ScenarioCoverage | None,
          platform_config: PlatformFactory) -> Iterator[BootFactory]:
     """``boot(config=QemuConfig(), platform=None, faults=None, append="", ready=True, reuse=False)``:
@@ -261,7 +269,7 @@ def boot(images: Images, artifacts: Path, saved_machines: dict[str, SavedMachine
         return machine
 
     yield start
-    _stop_all(machines, scenario_coverage)
+    _stop_all(machines, scenario_coverage, request.node)
 
 
 @pytest.fixture(scope="session")
@@ -280,7 +288,7 @@ BochsBoot = Callable[..., BochsMachine]
 
 
 @pytest.fixture
-def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall,
+def bochs_boot(request: pytest.FixtureRequest, images: Images, artifacts: Path, bochs_install: BochsInstall,
                scenario_coverage: ScenarioCoverage | None, platform_config: PlatformFactory) -> Iterator[BochsBoot]:
     """``bochs_boot(config=BochsConfig(), platform=None, faults=None, append="", ready=True)``:
     a started Bochs machine, ready for commands unless ready=False; stopped at teardown."""
@@ -299,7 +307,7 @@ def bochs_boot(images: Images, artifacts: Path, bochs_install: BochsInstall,
         return machine
 
     yield start
-    _stop_all(machines, scenario_coverage)
+    _stop_all(machines, scenario_coverage, request.node)
 
 
 VmxBoot = Callable[..., Machine]

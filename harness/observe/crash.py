@@ -25,6 +25,7 @@ class Crash(enum.Enum):
     UNCHECKED_MSR = "unchecked MSR access"
     SEAMCALL_FAILED = "SEAMCALL failed"
     TDX_INIT_FAILED = "TDX init failed"
+    MODULE_UNREACHABLE = "software module unreachable"  # the shim's exchange failed: harness trouble
 
 
 # First match wins, so the specific kinds come before the generic ones ("BUG: KASAN:" is KASAN).
@@ -42,6 +43,8 @@ RULES: tuple[tuple[Crash, re.Pattern[str]], ...] = (
     (Crash.SEAMCALL_FAILED, patterns.SEAMCALL_FAILED),
     (Crash.SEAMCALL_FAILED, patterns.SYS_DISABLE_FAILED),
     (Crash.TDX_INIT_FAILED, patterns.INIT_FAILED),
+    (Crash.MODULE_UNREACHABLE, patterns.SHIM_EXCHANGE_FAILED),
+    (Crash.MODULE_UNREACHABLE, patterns.SHIM_PEER_DEAD),
 )
 
 

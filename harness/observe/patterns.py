@@ -37,6 +37,7 @@ KVM_ACCESS_BEFORE_ACCEPT = re.compile(r"Guest access before accepting (?P<gpa>0x
 SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>module loaded|no module loaded)")
 SHIM_NO_ANSWER = re.compile(r"tdx-sw-module: no software TDX module answered on COM2")
 SHIM_EXCHANGE_FAILED = re.compile(r"tdx-sw-module: exchange failed: ")
+SHIM_PEER_DEAD = re.compile(r"tdx-sw-module: the software TDX module stopped answering")
 # Machine checks (arch/x86/kernel/cpu/mce/core.c, pr_fmt "mce: ", HW_ERR "[Hardware Error]: ").
 # __print_mce(): the record's first line (MCG_STATUS, bank and MCi_STATUS in hex) and its TSC
 # line, which carries ADDR and MISC when non-zero.

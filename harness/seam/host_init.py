@@ -5,7 +5,7 @@ tdh_sys_*.c, tdh_phymem_page_rdmd.c).
 
 from __future__ import annotations
 
-from harness.seam import abi, metadata
+from harness.seam import abi, lp_checks, metadata
 from harness.seam.abi import Leaf, OperandId, PageSize, PageType, Status
 from harness.seam.call import Call
 from harness.seam.state import (
@@ -29,22 +29,35 @@ def sys_init(seam: Seam, call: Call) -> int:
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     if seam.state.sys not in (SysState.SYSINIT_PENDING, SysState.SYS_SHUTDOWN):
         return Status.TDX_SYS_INIT_NOT_PENDING
+    refused = lp_checks.sys_init_status(seam.platform.deviation_of(call.request.cpu))
+    if refused:
+        return refused
     pending = seam.state.sys is SysState.SYSINIT_PENDING
     # A module the P-SEAMLDR loaded as an update finds its predecessor's handoff data; SYS.INIT
     # itself runs the same either way (tdh_sys_init.c has no update mode).
     handoff = seam.state.handoff if pending else None
     pages = seam.state.pages if pending else {}
     seam.state = ModuleState(sys=SysState.SYSINIT_DONE, handoff=handoff, pages=pages,
-                             calls_per_leaf=seam.state.calls_per_leaf)
+                             calls_per_leaf=seam.state.calls_per_leaf, sysinit_lp=call.request.cpu)
     return 0
 
 
 def sys_lp_init(seam: Seam, call: Call) -> int:
-    if seam.state.sys is not SysState.SYSINIT_DONE:
+    """tdh_sys_lp_init.c: RCX, RDX, R8 zeroed; the state, this LP not done yet, then this LP
+    against the SYS.INIT LP (lp_checks.py)."""
+    call.outputs.update(rcx=0, rdx=0, r8=0)
+    state = seam.state
+    if state.sys is not SysState.SYSINIT_DONE:
         return Status.TDX_SYS_LP_INIT_NOT_PENDING
-    if call.request.cpu in seam.state.lp_initialized:
+    if call.request.cpu in state.lp_initialized:
         return Status.TDX_SYS_LP_INIT_DONE
-    seam.state.lp_initialized.add(call.request.cpu)
+    platform = seam.platform
+    sysinit_lp = call.request.cpu if state.sysinit_lp is None else state.sysinit_lp
+    refused = lp_checks.lp_init_status(platform.deviation_of(call.request.cpu), platform.deviation_of(sysinit_lp),
+                                       call)
+    if refused:
+        return refused
+    state.lp_initialized.add(call.request.cpu)
     return 0
 
 

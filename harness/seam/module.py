@@ -91,7 +91,8 @@ class TdxModule:
 
     def save_config(self, run_dir: Path) -> None:
         """What this module was set up with, beside a run's logs: platform.json, faults.json."""
-        (run_dir / "platform.json").write_text(json.dumps(dataclasses.asdict(self.platform), indent=2))
+        # sets (an LP's deviations) as sorted lists
+        (run_dir / "platform.json").write_text(json.dumps(dataclasses.asdict(self.platform), indent=2, default=sorted))
         (run_dir / "faults.json").write_text(self.faults.to_json())
 
     def snapshot(self) -> ModuleSnapshot:

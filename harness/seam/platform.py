@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from harness.seam import abi
 from harness.seam.image import DEFAULT_SIGNER, ModuleImage
+from harness.seam.lp_checks import LpDeviation
 from harness.seam.profiles import DEFAULT_PROFILE, ModuleProfile, profile
 
 
@@ -120,6 +121,8 @@ class PlatformConfig:
     ept_pml5_supported: bool = False
     # Native TSC frequency: TDH.MNG.INIT derives the TD's TSC multiplier from it.
     tsc_frequency_hz: int = 2_000_000_000
+    # LPs that are not like the others (lp_checks.py): SYS.INIT and LP.INIT find them.
+    lp_deviations: tuple[LpDeviation, ...] = ()
     # TDH.PHYMEM.CACHE.WB writes back this many cache sub-blocks per call before answering
     # TDX_INTERRUPTED_RESUMABLE (1: one call does it all).
     cache_wb_chunks: int = 1
@@ -137,6 +140,10 @@ class PlatformConfig:
             raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
         if self.cache_wb_chunks < 1:
             raise ValueError("cache_wb_chunks must be >= 1")
+        strays = [d.apic_id for d in self.lp_deviations if d.apic_id not in ids]
+        if strays or len({d.apic_id for d in self.lp_deviations}) != len(self.lp_deviations):
+            raise ValueError(f"lp_deviations: one per LP of the platform (APIC ids {ids}), "
+                             f"got {strays or 'duplicates'}")
         if self.seamldr_updates < 0:
             raise ValueError("seamldr_updates must be >= 0")
         if self.tdcs_base_size % abi.SZ_4K or self.tdvps_base_size < 2 * abi.SZ_4K:
@@ -203,6 +210,9 @@ class PlatformConfig:
     def tdcx_pages(self) -> int:
         """TDCX pages per vCPU: TDVPS minus the TDVPR page."""
         return self.tdvps_base_size // abi.SZ_4K - 1
+
+    def deviation_of(self, apic_id: int) -> LpDeviation:
+        return next((d for d in self.lp_deviations if d.apic_id == apic_id), LpDeviation(apic_id))
 
     def package_of(self, apic_id: int) -> int | None:
         for cpu in self.cpus:

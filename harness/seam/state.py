@@ -170,6 +170,7 @@ class Handoff:
 class ModuleState:
     sys: SysState = SysState.SYSINIT_PENDING
     handoff: Handoff | None = None  # written by TDH.SYS.SHUTDOWN, kept in the SEAM range
+    sysinit_lp: int | None = None  # the LP TDH.SYS.INIT ran on: LP.INIT compares the others with it
     lp_initialized: set[int] = field(default_factory=set)
     packages_configured: set[int] = field(default_factory=set)
     global_keyid: int | None = None

@@ -228,6 +228,8 @@ class SeamServer:
                 self.errors.append(TransportError(f"server failed: {err!r}"))
                 self.module.anomaly(f"module server dropped the guest connection: {err!r}")
             finally:
+                for bad in self._channel.framing_errors:  # answered with ERROR frames; the module keeps the record
+                    self.module.anomaly(f"bad frame from the guest: {bad}")
                 self._channel.close()
                 self._channel = None
 
@@ -275,5 +277,6 @@ class SeamServer:
             error = ErrorPayload.parse(frame)
             log.error("guest reported %s error: %s", error.code.name, error.text)
             self.errors.append(ProtocolError(f"guest reported {error.code.name}: {error.text}"))
+            self.module.anomaly(f"guest reported a {error.code.name} error: {error.text}")
         else:
             raise ProtocolError(f"unexpected {frame.type.name} outside an exchange", received=frame)

@@ -23,6 +23,7 @@ from harness.observe.crash import Crash
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, Status
 from harness.seam.faults import FaultPlan, FaultRule, no_entropy, not_loaded
+from harness.seam.lp_checks import LpDeviation
 
 RDRAND_RETRY_LOOPS = 10  # arch/x86/include/asm/archrandom.h
 FAILURES = (Crash.SEAMCALL_FAILED, Crash.TDX_INIT_FAILED)  # what these scenarios provoke
@@ -66,6 +67,13 @@ CASES = {
                                    messages=(patterns.RESERVED_EXHAUSTED,)),
     "no_rbp_mod_missing": Case(platform={"tdx_features0": abi.TDX_FEATURES0_TOPOLOGY_ENUM}, errno=errno.EINVAL,
                                messages=(patterns.RBP_CLOBBER,)),
+    # A platform whose LPs differ (harness/seam/lp_checks.py): found by LP.INIT, or by SYS.INIT on its own LP.
+    "lp_with_other_tsc_adjust": Case(platform={"lp_deviations": (LpDeviation(1, msrs=frozenset({0x3B})),)},
+                                     failed_leaf=Leaf.TDH_SYS_LP_INIT, status=Status.TDX_INCONSISTENT_MSR + 0x3B),
+    "lp_with_other_topology": Case(platform={"lp_deviations": (LpDeviation(1, cpuid=frozenset({(0x1F, 1)})),)},
+                                   failed_leaf=Leaf.TDH_SYS_LP_INIT, status=Status.TDX_INCONSISTENT_CPUID_FIELD),
+    "boot_cpu_limits_cpuid_maxval": Case(platform={"lp_deviations": (LpDeviation(0, boot_nt4=True),)},
+                                         failed_leaf=Leaf.TDH_SYS_INIT, status=Status.TDX_LIMIT_CPUID_MAXVAL_SET),
     "too_few_keyids": Case(platform={"nr_tdx_keyids": 1}, messages=(patterns.TOO_FEW_KEYIDS, patterns.NOT_SUPPORTED)),
     "no_tdx_keyids_at_all": Case(platform={"nr_tdx_keyids": 0}, messages=(patterns.NOT_SUPPORTED,)),
 }

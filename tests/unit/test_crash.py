@@ -26,6 +26,12 @@ LINES = {
     "unchecked MSR access error: RDMSR from 0x480 at rIP: 0xffffffff81000000": Crash.UNCHECKED_MSR,
     "virt/tdx: SEAMCALL (0x000000000000002d) failed: 0xc000050c00000000": Crash.SEAMCALL_FAILED,
     "virt/tdx: TDX-Module initialization failed (-5)": Crash.TDX_INIT_FAILED,
+    "seamldr: SEAMCALL (0x8000000000000001) failed: 0x8000000000020000": Crash.SEAMCALL_FAILED,
+    # The shim's own messages (images/kernel/patches/0001, sw_module.c).
+    "tdx-sw-module: exchange failed: no answer to CALL (error -110, last frame type 0x00); SEAMCALL returns "
+    "VMFAILINVALID": Crash.MODULE_UNREACHABLE,
+    "tdx-sw-module: the software TDX module stopped answering: every later SEAMCALL fails at once with "
+    "VMFAILINVALID": Crash.MODULE_UNREACHABLE,
 }
 
 
