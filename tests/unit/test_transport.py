@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 
 import pytest
@@ -16,7 +17,18 @@ from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.transport.errors import ProtocolError
-from harness.transport.frames import HEADER, MAGIC, MAX_PAYLOAD, CallPayload, Decoder, Frame, FrameType, ReturnPayload
+from harness.transport.frames import (
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD,
+    CallPayload,
+    Decoder,
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    FrameType,
+    ReturnPayload,
+)
 from harness.transport.server import SeamServer
 
 G, M = 1 << 30, 1 << 20
@@ -124,6 +136,25 @@ def test_bad_frame_gets_an_error_frame_and_the_connection_survives(served):
     reply = shim.recv_frame()
     assert reply.type is FrameType.ERROR and b"CRC mismatch" in reply.payload
     assert shim.seamcall(0, Leaf.TDH_SYS_INIT).status == 0
+
+
+def test_bad_frames_and_guest_errors_become_module_anomalies(served):
+    """What the scenarios' end-of-test check reads: the module's anomaly list holds the frames
+    the server could not decode (once the connection ends) and the errors the guest reported."""
+    module, _, shim = served
+    frame = bytearray(CallPayload(0, 1, Leaf.TDH_SYS_INIT, (0,) * 13).frame(1).encode())
+    frame[12] ^= 0xFF
+    shim.send_raw(bytes(frame))
+    assert shim.recv_frame().type is FrameType.ERROR
+    shim.send_raw(ErrorPayload(ErrorCode.PROTOCOL, "confused").frame(2).encode())
+    assert shim.seamcall(0, Leaf.TDH_SYS_INIT).status == 0  # the channel still serves
+    shim.close()
+    deadline = time.monotonic() + 10
+    while len(module.anomalies) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any("guest reported a PROTOCOL error: confused" in a for a in module.anomalies), module.anomalies
+    assert any(a.startswith("bad frame from the guest") and "CRC mismatch" in a for a in module.anomalies), \
+        module.anomalies
 
 
 def test_unexpected_frame_type_is_a_protocol_error(served):
