@@ -32,6 +32,8 @@ SUSPEND_ENTRY = re.compile(r"PM: suspend entry \((?P<mode>\w+)\)")  # kernel/pow
 SUSPEND_EXIT = re.compile(r"PM: suspend exit")
 CONSOLES_SUSPENDED = re.compile(r"printk: Suspending console\(s\)")  # kernel/printk/printk.c
 MCE_TDX_PRIVATE = re.compile(r"TDX private memory error\. Possible kernel bug\.")
+# arch/x86/kvm/vmx/tdx.c __TDX_BUG_ON(): after a WARN_ON_ONCE, the VM is bugged.
+KVM_SEAMCALL_FAILED = re.compile(r"kvm_intel: SEAMCALL (?P<leaf>TDH_[A-Z_]+) failed: (?P<status>0x[0-9a-f]+)")
 # arch/x86/kvm/vmx/tdx.c (kvm_intel): an EPT violation on a private page the guest has not accepted.
 KVM_ACCESS_BEFORE_ACCEPT = re.compile(r"Guest access before accepting (?P<gpa>0x[0-9a-f]+) on vCPU (?P<vcpu>\d+)")
 SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>module loaded|no module loaded)")

@@ -23,8 +23,8 @@ from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
 
 from harness.machine.qemu import QemuConfig
 from harness.observe import patterns, tdx_host
-from harness.observe.crash import Crash
-from harness.observe.kvm import AGENT, TO_MEMORY, AgentStep
+from harness.observe.crash import Crash, classify
+from harness.observe.kvm import AGENT, TO_MEMORY, AgentStep, run_agent
 from harness.seam import image
 from harness.seam.abi import Leaf, SeamldrLeaf, SeamldrStatus, Status
 from harness.seam.faults import FaultRule
@@ -221,12 +221,12 @@ def test_update_refused_shutdown_leaves_tdx_as_it_was(boot):
     assert tdx_host.read_attribute(machine, tdx_host.VERSION).text == running
 
 
-@pytest.mark.parametrize("cpu", [0, 1], ids=["first-cpu", "last-cpu"])
+@pytest.mark.parametrize("cpu", [0, 1, 2], ids=["first-cpu", "middle-cpu", "last-cpu"])
 def test_update_install_failing_on_one_cpu(boot, cpu):
-    """An INSTALL that fails on one CPU (a fault: EUNSPECERR) while the others run theirs: the
-    loader's session is left incomplete (it counts every LP), SEAM_READY stays clear, so the
-    module is unreachable (VMFAILINVALID, -ENODEV) until the platform resets."""
-    machine = with_tdx_host(boot())
+    """An INSTALL that fails on one of three CPUs (a fault: EUNSPECERR) while the others run
+    theirs: the loader's session is left incomplete (it counts every LP), SEAM_READY stays clear,
+    so the module is unreachable (VMFAILINVALID, -ENODEV) until the platform resets."""
+    machine = with_tdx_host(boot(QemuConfig(cpus=3)))
     machine.module.faults.add(FaultRule(SeamldrLeaf.SEAMLDR_INSTALL, SeamldrStatus.PSEAMLDR_EUNSPECERR, cpu=cpu))
     done = update_with(machine, image.build_image(newer(machine)))
     assert done.error == FAILED, done
@@ -308,3 +308,21 @@ def test_update_keeps_a_td_built_before_it(vmx_boot):
     assert not failed, f"SEAMCALLs failed after the update: {failed}"
     assert_no_td_left(machine)
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
+
+
+@pytest.mark.vmx
+@pytest.mark.slow
+def test_update_failed_then_kvm_cannot_create_a_td(vmx_boot):
+    """After an update the loader refused (the old module stays shut down), KVM_TDX_INIT_VM's
+    TDH.MNG.CREATE gets TDX_SYS_SHUTDOWN: __tdx_td_init() reports it through TDX_BUG_ON(), a
+    WARN_ON_ONCE plus "SEAMCALL TDH_MNG_CREATE failed", marks the VM bugged and fails with EIO.
+    A user who creates a TD after a failed update thus hits a kernel WARN."""
+    machine = with_tdx_host(kvm_machine(vmx_boot))
+    done = update_with(machine, image.build_image(newer(machine), signer=""))
+    assert done.error == FAILED, done
+    run = run_agent(machine, ["create_vm", "x2apic_api", "split_irqchip", "capabilities", "init_vm"], KVM_TIMEOUT)
+    assert run["init_vm"].errno == errno.EIO, run["init_vm"]
+    log = kernel_log(machine, allow=(Crash.SEAMCALL_FAILED, Crash.WARN))
+    failed = log.expect(patterns.KVM_SEAMCALL_FAILED)
+    assert (failed["leaf"], int(failed["status"], 16)) == ("TDH_MNG_CREATE", Status.TDX_SYS_SHUTDOWN)
+    assert [f.kind for f in classify(log.records)].count(Crash.WARN) == 1
