@@ -5,6 +5,7 @@ sysfs-devices-faux-tdx-host) and the fw_upload interface it registers as "tdx_mo
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ class Attribute:
 
     ok: bool
     text: str
+
+    def fails_with(self, err: int) -> bool:
+        """The read failed with errno ``err`` (the shell prints its strerror text)."""
+        return not self.ok and os.strerror(err) in self.text
 
 
 def read_attribute(machine: Machine, path: str, timeout: float = 30.0) -> Attribute:

@@ -51,10 +51,10 @@ def sys_lp_init(seam: Seam, call: Call) -> int:
         return Status.TDX_SYS_LP_INIT_NOT_PENDING
     if call.request.cpu in state.lp_initialized:
         return Status.TDX_SYS_LP_INIT_DONE
+    assert state.sysinit_lp is not None, "SYSINIT_DONE is set by TDH.SYS.INIT only"
     platform = seam.platform
-    sysinit_lp = call.request.cpu if state.sysinit_lp is None else state.sysinit_lp
-    refused = lp_checks.lp_init_status(platform.deviation_of(call.request.cpu), platform.deviation_of(sysinit_lp),
-                                       call)
+    refused = lp_checks.lp_init_status(platform.deviation_of(call.request.cpu),
+                                       platform.deviation_of(state.sysinit_lp), call)
     if refused:
         return refused
     state.lp_initialized.add(call.request.cpu)
@@ -162,7 +162,7 @@ def sys_shutdown(seam: Seam, call: Call) -> int:
     sources take bits 15:0 as the version, bit 16 as AVOID_COMPAT_SENSITIVE and the rest as
     reserved; Linux 7.3 passes MODULE_HV, which both readings accept.)"""
     running, hv = seam.loader.running, call.reg("rcx")
-    if hv < running.min_update_hv or hv > running.module_hv or (running.no_downgrade and hv != running.module_hv):
+    if not running.takes_handoff(hv) or (running.no_downgrade and hv != running.module_hv):
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     seam.state.sys = SysState.SYS_SHUTDOWN
     seam.state.handoff = Handoff(hv, preserved=seam.state)
@@ -179,7 +179,7 @@ def sys_update(seam: Seam, call: Call) -> int:
     if state.sys is not SysState.SYSINIT_DONE or len(state.lp_initialized) < len(seam.platform.cpus):
         return Status.TDX_SYS_STATE_INCORRECT
     handoff = state.handoff
-    if handoff is None or not running.min_update_hv <= handoff.hv <= running.module_hv:
+    if handoff is None or not running.takes_handoff(handoff.hv):
         return Status.TDX_SYS_INVALID_HANDOFF
     restored = handoff.preserved
     restored.sys, restored.handoff = SysState.SYS_READY, None

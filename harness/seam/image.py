@@ -58,6 +58,12 @@ class ModuleImage:
     def version(self) -> tuple[int, int, int]:
         return self.major_version, self.minor_version, self.update_version
 
+    def takes_handoff(self, hv: int) -> bool:
+        """Whether this module can take over from handoff data of version ``hv``: within
+        [MIN_UPDATE_HV, MODULE_HV], the range the loader, TDH.SYS.SHUTDOWN and TDH.SYS.UPDATE
+        all check."""
+        return self.min_update_hv <= hv <= self.module_hv
+
     @property
     def version_text(self) -> str:
         """As Linux prints it (TDX_VERSION_FMT "%u.%u.%02u")."""

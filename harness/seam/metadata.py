@@ -20,7 +20,7 @@ from harness.seam import abi
 from harness.seam.abi import Field
 from harness.seam.image import ModuleImage
 from harness.seam.platform import PlatformConfig
-from harness.seam.state import NO_HANDOFF, HandoffHeader
+from harness.seam.state import HANDOFF_PAGES, NO_HANDOFF, HandoffHeader
 
 MD_FIELD_ID_NA = (1 << 64) - 1  # the null field id: "the first field" for a read
 FIELD_CODE_MASK = (1 << 24) - 1
@@ -94,8 +94,7 @@ def global_metadata(platform: PlatformConfig, module: ModuleImage,
                     handoff: HandoffHeader = NO_HANDOFF) -> GlobalMetadata:
     """The table of ``module`` running on ``platform`` with ``handoff`` in its data region
     (read-only: cached). MODULE_HV, MIN_UPDATE_HV and NO_DOWNGRADE read the module's build
-    constants (metadata_sys.c), which the software module takes from its SIGSTRUCT; NUM_HANDOFF_PAGES
-    is pages - 1 of the one page it uses."""
+    constants (metadata_sys.c), which the software module takes from its SIGSTRUCT."""
     singles: dict[int, int] = {
         Field.NUM_PKGS: len(platform.packages),
         Field.MINOR_VERSION: module.minor_version,
@@ -104,7 +103,7 @@ def global_metadata(platform: PlatformConfig, module: ModuleImage,
         Field.MODULE_HV: module.module_hv,
         Field.MIN_UPDATE_HV: module.min_update_hv,
         Field.NO_DOWNGRADE: int(module.no_downgrade),
-        Field.NUM_HANDOFF_PAGES: 0,
+        Field.NUM_HANDOFF_PAGES: HANDOFF_PAGES - 1,
         Field.HANDOFF_DATA_VALID: int(handoff.valid),
         Field.HANDOFF_DATA_HV: handoff.hv,
         Field.HANDOFF_DATA_SIZE: handoff.size,

@@ -170,7 +170,7 @@ def _handoff_status(seam: Seam, new: ModuleImage) -> int:
     if seam.loader.remaining_updates == 0:
         return SeamldrStatus.PSEAMLDR_EBADCALL
     handoff = seam.state.handoff
-    if handoff is None or not new.min_update_hv <= handoff.hv <= new.module_hv:
+    if handoff is None or not new.takes_handoff(handoff.hv):
         return SeamldrStatus.PSEAMLDR_EBADHANDOFF
     return SeamldrStatus.PSEAMLDR_SUCCESS
 

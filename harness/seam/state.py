@@ -146,9 +146,10 @@ class HandoffHeader:
 
 
 NO_HANDOFF = HandoffHeader()
-# HANDOFF_DATA_SIZE of a valid handoff: the software module's handoff has no byte layout, so it
-# reports the whole area of one handoff page ((NUM_HANDOFF_PAGES + 1) * 4K - 8 bytes).
-HANDOFF_DATA_SIZE = abi.SZ_4K - 8
+# The software module's handoff area: one page (NUM_HANDOFF_PAGES reads pages - 1). Its handoff
+# has no byte layout, so HANDOFF_DATA_SIZE of a valid one is the whole area less the header.
+HANDOFF_PAGES = 1
+HANDOFF_DATA_SIZE = HANDOFF_PAGES * abi.SZ_4K - 8
 
 
 @dataclass

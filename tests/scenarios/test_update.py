@@ -113,7 +113,7 @@ def test_update_attributes_without_a_p_seamldr_fail_to_read(boot, platform_confi
     machine = with_tdx_host(boot(platform=platform_config(seamldr_present=False)))
     for path in (tdx_host.SEAMLDR_VERSION, tdx_host.NUM_REMAINING_UPDATES):
         read = tdx_host.read_attribute(machine, path)
-        assert not read.ok and os.strerror(errno.ENODEV) in read.text, read
+        assert read.fails_with(errno.ENODEV), read
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
 
 
@@ -159,7 +159,7 @@ def loader_refused(machine, status: SeamldrStatus) -> None:
     assert (failed["prefix"], int(failed["fn"], 16), int(failed["status"], 16)) == (
         "seamldr", SeamldrLeaf.SEAMLDR_INSTALL, status)
     read = tdx_host.read_attribute(machine, tdx_host.VERSION)
-    assert not read.ok and os.strerror(errno.ENXIO) in read.text, read
+    assert read.fails_with(errno.ENXIO), read
     assert machine.module.seam.loader.seam_ready and machine.module.state.handoff is not None
 
 
@@ -233,7 +233,7 @@ def test_update_install_failing_on_one_cpu(boot, cpu):
     kernel_log(machine, allow=(Crash.SEAMCALL_FAILED,)).expect(patterns.SEAMCALL_FAILED)
     assert not machine.module.seam.loader.seam_ready
     read = tdx_host.read_attribute(machine, tdx_host.VERSION)
-    assert not read.ok and os.strerror(errno.ENXIO) in read.text, read
+    assert read.fails_with(errno.ENXIO), read
 
 
 @pytest.mark.parametrize("rule", [
@@ -251,7 +251,7 @@ def test_update_new_module_failing_to_start(boot, rule):
     failed = kernel_log(machine, allow=(Crash.SEAMCALL_FAILED,)).expect(patterns.SEAMCALL_FAILED)
     assert (int(failed["fn"], 16), int(failed["status"], 16)) == (rule.leaf, rule.status)
     read = tdx_host.read_attribute(machine, tdx_host.VERSION)
-    assert not read.ok and os.strerror(errno.ENXIO) in read.text, read
+    assert read.fails_with(errno.ENXIO), read
 
 
 def test_update_with_a_cpu_offline(boot):
