@@ -223,15 +223,20 @@ def test_update_refused_shutdown_leaves_tdx_as_it_was(boot):
 
 @pytest.mark.parametrize("cpu", [0, 1, 2], ids=["first-cpu", "middle-cpu", "last-cpu"])
 def test_update_install_failing_on_one_cpu(boot, cpu):
-    """An INSTALL that fails on one of three CPUs (a fault: EUNSPECERR) while the others run
-    theirs: the loader's session is left incomplete (it counts every LP), SEAM_READY stays clear,
-    so the module is unreachable (VMFAILINVALID, -ENODEV) until the platform resets."""
+    """An INSTALL that fails on one of three CPUs (a fault: EUNSPECERR). The other CPUs run
+    theirs only if they reach the INSTALL state before the failure is acked (a CPU spinning in
+    do_seamldr_install_module() leaves on num_failed): any INSTALL that reached the loader opens
+    a session it counts over every LP, so SEAM_READY stays clear and the module is unreachable
+    (VMFAILINVALID) until the platform resets; with none, the old module stays, shut down.
+    Either way tdx_module_state was cleared, so `version` fails with ENXIO."""
     machine = with_tdx_host(boot(QemuConfig(cpus=3)))
     machine.module.faults.add(FaultRule(SeamldrLeaf.SEAMLDR_INSTALL, SeamldrStatus.PSEAMLDR_EUNSPECERR, cpu=cpu))
+    before = len(machine.module.trace)
     done = update_with(machine, image.build_image(newer(machine)))
     assert done.error == FAILED, done
     kernel_log(machine, allow=(Crash.SEAMCALL_FAILED,)).expect(patterns.SEAMCALL_FAILED)
-    assert not machine.module.seam.loader.seam_ready
+    reached = [c for leaf, c, _ in update_calls(machine, before) if leaf == "SEAMLDR.INSTALL" and c != cpu]
+    assert machine.module.seam.loader.seam_ready == (not reached), reached
     read = tdx_host.read_attribute(machine, tdx_host.VERSION)
     assert read.fails_with(errno.ENXIO), read
 
