@@ -33,8 +33,27 @@ def qemu_topology(sockets: int, cores: int, threads: int = 1) -> tuple[LogicalCp
 
 
 @dataclass(frozen=True)
+class CpuidValue:
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    @property
+    def regs(self) -> tuple[int, int, int, int]:
+        return self.eax, self.ebx, self.ecx, self.edx
+
+
+@dataclass(frozen=True)
 class CpuidConfig:
-    """One CPUID_CONFIG entry: the leaf/subleaf and the bits the host VMM may configure."""
+    """One CPUID_CONFIG entry and what TDH.MNG.INIT makes of that leaf.
+
+    ``eax``..``edx``: CONFIG_DIRECT, the bits TD_PARAMS sets directly and the only ones TDH.SYS.RD
+    reports (metadata_sys.c). ``allow_direct``: bits TD_PARAMS may set too, which the TD then sees
+    only if the CPU has them. ``fixed0`` (the module's FIXED0_OR_DYNAMIC) and ``fixed1``: bits the
+    TD sees as 0 or 1 whatever is configured. Those four come from the module's tables
+    (include/auto_gen/cpuid_configurations.c). ``native``: what the CPU returns for the leaf,
+    which TDH.SYS.INIT samples; for CPUID(1).EAX that is the platform's family/model/stepping."""
 
     leaf: int
     subleaf: int = 0xFFFFFFFF  # "no subleaf"
@@ -42,6 +61,10 @@ class CpuidConfig:
     ebx: int = 0
     ecx: int = 0
     edx: int = 0
+    allow_direct: CpuidValue = CpuidValue()
+    fixed0: CpuidValue = CpuidValue()
+    fixed1: CpuidValue = CpuidValue()
+    native: CpuidValue = CpuidValue()
 
     @property
     def leaves_field(self) -> int:
@@ -51,14 +74,32 @@ class CpuidConfig:
     def values_fields(self) -> tuple[int, int]:
         return (self.ebx << 32) | self.eax, (self.edx << 32) | self.ecx
 
+    @property
+    def config_direct(self) -> CpuidValue:
+        return CpuidValue(self.eax, self.ebx, self.ecx, self.edx)
 
+
+# The TDX 1.5.01 module's CPUID_CONFIG entries for leaves 1, 7.0 and 0x80000008
+# (cpuid_configurations.c: cpuid_configurable[0], [5], [9] and cpuid_lookup[0], [5], [9]), in the
+# module's order. The module has nine more (4.0-4.3, 7.1, 7.2, 0xA, 0x1C, 0x23.0), not modelled:
+# NUM_CPUID_CONFIG reads 3, and TD_PARAMS carries three CPUID values.
+# The native values are an illustrative Sapphire Rapids: F/M/S 0x806F8 (cpuid_fms.h
+# SPR_NATIVE_FMS | SPR_LATEST_STEPPING), every CPUID(7,0) feature a VMM may allow except TSX, 46
+# physical address bits (max_pa_bits), WBNOINVD.
 DEFAULT_CPUID_CONFIG = (
-    CpuidConfig(leaf=0x1, eax=0x0FFF3FFF, ebx=0x00FF0000, ecx=0x31044D88, edx=0xB8400000),
-    CpuidConfig(leaf=0x7, subleaf=0, ebx=0xDC2AFBFB, ecx=0x5A405F5E, edx=0x3F00C010),
-    CpuidConfig(leaf=0xD, subleaf=0, eax=0x000602E7),
-    CpuidConfig(leaf=0xD, subleaf=1, eax=0x0000001E, ecx=0x00001900),
-    CpuidConfig(leaf=0x80000001, ecx=0x00000121, edx=0x2C100800),
-    CpuidConfig(leaf=0x80000008, eax=0x0000FFFF),
+    CpuidConfig(leaf=0x1, eax=0x0FFF3FFF, ebx=0x00FF0000,
+                allow_direct=CpuidValue(ecx=0x31044D88, edx=0xB8440000),
+                fixed0=CpuidValue(0xF000C000, 0xFF0000FF, 0x08010060, 0x40120400),
+                fixed1=CpuidValue(ecx=0x80000000, edx=0x00000200),
+                native=CpuidValue(0x000806F8, 0x00800800, 0x7FFEFBFF, 0xBFEBFBFF)),
+    CpuidConfig(leaf=0x7, subleaf=0,
+                allow_direct=CpuidValue(ebx=0xDC2B9B18, ecx=0x02417F65, edx=0x0005411C),
+                fixed0=CpuidValue(ebx=0x00404006, ecx=0x643E8010, edx=0x002298C3),
+                native=CpuidValue(0x00000002, 0xFDBFB7CB, 0x9B417F65, 0xFC0D451C)),
+    CpuidConfig(leaf=0x80000008,
+                allow_direct=CpuidValue(ebx=0x00000200),
+                fixed0=CpuidValue(0xFFFF0000, 0xFFFFFDFF, 0xFFFFFFFF, 0xFFFFFFFF),
+                native=CpuidValue(eax=0x0000302E, ebx=0x00000200)),
 )
 
 

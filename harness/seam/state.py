@@ -16,8 +16,8 @@ from harness.seam.call import Call
 from harness.seam.exits import ExitScript
 from harness.seam.image import ModuleImage
 from harness.seam.measure import MrtdBuilder
-from harness.seam.platform import PlatformConfig
-from harness.seam.td_params import CpuidValue, TdParams
+from harness.seam.platform import CpuidValue, PlatformConfig
+from harness.seam.td_params import TdParams
 from harness.seam.tdmr import TdmrInfo
 
 

@@ -24,6 +24,7 @@ from harness.seam.abi import Leaf, OperandId, PageType, SeptState, Status
 from harness.seam.call import Call
 from harness.seam.measure import MR_EXTEND_CHUNK, MrtdBuilder
 from harness.seam.memory import MemoryAccessError
+from harness.seam.platform import CpuidValue
 from harness.seam.state import (
     Handler,
     KeyState,
@@ -38,7 +39,7 @@ from harness.seam.state import (
     private_page_status,
     shared_page_ok,
 )
-from harness.seam.td_params import CpuidValue, TdParams
+from harness.seam.td_params import CpuidKey, TdParams
 from harness.seam.trace import REGISTERS
 
 MASK64 = (1 << 64) - 1
@@ -293,16 +294,17 @@ def mng_init(seam: Seam, call: Call) -> int:
     td.tsc_multiplier = (params.tsc_frequency * 25_000_000 << 48) // platform.tsc_frequency_hz
     native_tsc = int(seam.clock() * platform.tsc_frequency_hz)
     td.tsc_offset = -(native_tsc * td.tsc_multiplier >> 48) & MASK64  # virtual TSC starts at 0
-    td.cpuid = _td_cpuid(seam, params)
+    td.cpuid = _td_cpuid(verdict.cpuid)
     td.op_state = OpState.INITIALIZED
     return 0
 
 
-def _td_cpuid(seam: Seam, params: TdParams) -> dict[tuple[int, int], CpuidValue]:
-    """The TD's virtual CPUID as far as the model knows it: the configured values, and leaves
-    0 and 0x80000000 giving the highest configured leaf of each range."""
-    values = {(c.leaf, 0 if c.subleaf == abi.CPUID_NO_SUBLEAF else c.subleaf): v
-              for c, v in zip(seam.platform.cpuid_config, params.cpuid_values)}
+def _td_cpuid(stored: dict[CpuidKey, CpuidValue]) -> dict[tuple[int, int], CpuidValue]:
+    """The TD's virtual CPUID as far as the model knows it: the CPUID_CONFIG leaves as
+    TDH.MNG.INIT stored them, and leaves 0 and 0x80000000 giving the highest of those leaves in
+    each range (the module's own values for 0 and 0x80000000, FIXED1 0x23 and 0x80000008, are not
+    modelled, nor are the leaves it virtualizes outside CPUID_CONFIG)."""
+    values = {(leaf, 0 if subleaf == abi.CPUID_NO_SUBLEAF else subleaf): v for (leaf, subleaf), v in stored.items()}
     basic = [leaf for leaf, _ in values if leaf < 0x80000000]
     extended = [leaf for leaf, _ in values if leaf >= 0x80000000]
     values.setdefault((0, 0), CpuidValue(eax=max(basic, default=0)))

@@ -17,28 +17,17 @@ The checks run in the order the module runs them, so the first bad field decides
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from harness.seam import abi
 from harness.seam.abi import OperandId, Status
-from harness.seam.platform import PlatformConfig
+from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
 
 _HEADER = struct.Struct("<QQHBB4sQQH38s48s48s48sQ24s")
+CpuidKey = tuple[int, int]  # (leaf, subleaf or CPUID_NO_SUBLEAF)
 CPUID_VALUES_OFFSET = 256
 CPUID_VALUE_SIZE = 16
 MSR_CONFIG_CTLS_IA32_ARCH_CAP = 1 << 0
-
-
-@dataclass(frozen=True)
-class CpuidValue:
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
-
-    @property
-    def regs(self) -> tuple[int, int, int, int]:
-        return self.eax, self.ebx, self.ecx, self.edx
 
 
 @dataclass(frozen=True)
@@ -87,11 +76,13 @@ class TdParams:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of TDH.MNG.INIT's checks: the status, and RCX (the extended error: the
-    CPUID leaf/subleaf that was refused, else 0)."""
+    """The outcome of TDH.MNG.INIT's checks: the status, RCX (the extended error: the CPUID
+    leaf/subleaf that was refused, else 0) and, when they pass, the TD's virtual CPUID of each
+    CPUID_CONFIG leaf as the module stores it in the TDCS."""
 
     status: int
     rcx: int = 0
+    cpuid: dict[CpuidKey, CpuidValue] = field(default_factory=dict)
 
 
 def _invalid(operand: OperandId, rcx: int = 0) -> Verdict:
@@ -136,16 +127,106 @@ def _eptp_ok(eptp: int, gpaw: bool, platform: PlatformConfig) -> bool:
     return not (gpaw and pwl < abi.EPTP_PWL_5)
 
 
+# Bits of a CPUID leaf that XFAM bit n enables (cpuid_configurations.c xfam_mask_0x1_0xffffffff,
+# xfam_mask_0x7_0x0): TDH.MNG.INIT clears them when the TD's XFAM lacks bit n.
+XFAM_MASKS: dict[CpuidKey, dict[int, CpuidValue]] = {
+    (abi.CPUID_VER_INFO_LEAF, abi.CPUID_NO_SUBLEAF): {2: CpuidValue(ecx=0x30001000)},
+    (abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF): {
+        2: CpuidValue(ebx=0x20, ecx=0x600),
+        **{bit: CpuidValue(ebx=0xDC230000, ecx=0x5842, edx=0x80010C) for bit in (5, 6, 7)},
+        8: CpuidValue(ebx=0x2000000),
+        9: CpuidValue(ecx=0x8),
+        **{bit: CpuidValue(ecx=0x80, edx=0x100000) for bit in (11, 12)},
+        14: CpuidValue(edx=0x20),
+        15: CpuidValue(edx=0x80000),
+        **{bit: CpuidValue(edx=0x3400000) for bit in (17, 18)},
+    },
+}
+
+
+def _configured(config: CpuidConfig, value: CpuidValue) -> CpuidValue | None:
+    """tdh_mng_init.c read_and_set_cpuid_configurations(), per register: None if TD_PARAMS sets a
+    bit that is neither CONFIG_DIRECT nor ALLOW_DIRECT; else the native value with FIXED0 (and
+    DYNAMIC) bits cleared, FIXED1 bits set, CONFIG_DIRECT bits as configured and ALLOW_DIRECT
+    bits cleared where TD_PARAMS clears them (an allowed bit the CPU lacks stays 0)."""
+    regs = []
+    for v, native, direct, allow, fixed0, fixed1 in zip(value.regs, config.native.regs, config.config_direct.regs,
+                                                        config.allow_direct.regs, config.fixed0.regs,
+                                                        config.fixed1.regs):
+        if v & ~(direct | allow):
+            return None
+        final = (native & ~fixed0 | fixed1) & ~direct | v & direct
+        regs.append(final & (v | ~allow))
+    return CpuidValue(*regs)
+
+
+def _xfam_masked(value: CpuidValue, key: CpuidKey, xfam: int) -> CpuidValue:
+    """apply_cpuid_xfam_masks(): clear what each XFAM bit the TD lacks would enable."""
+    regs = list(value.regs)
+    for bit, mask in XFAM_MASKS.get(key, {}).items():
+        if not xfam & 1 << bit:
+            regs = [r & ~m for r, m in zip(regs, mask.regs)]
+    return CpuidValue(*regs)
+
+
+def _fms_verdict(config: CpuidConfig, value: CpuidValue, attributes: int) -> Verdict | CpuidValue:
+    """CPUID(1).EAX is the TD's family/model/stepping: 0 means the platform's. A non-migratable TD
+    takes only that one; otherwise OPERAND_INVALID(CPUID_CONFIG), RCX = the leaf
+    (tdh_mng_init.c:280-309). platform_fms is the lowest stepping of the packages' CPUID(1).EAX
+    (tdh_sys_init.c); the packages here are alike, so it is the native EAX."""
+    platform_fms = config.native.eax
+    fms = value.eax or platform_fms
+    # A migratable TD's F/M/S goes through check_fms_config() (cpuid_fms.c: the CPUs the module
+    # knows) instead. Not modelled: this platform's ATTRIBUTES_FIXED0 refuses MIGRATABLE anyway.
+    if not attributes & abi.TD_ATTR_MIGRATABLE and fms != platform_fms:
+        return _invalid(OperandId.CPUID_CONFIG, config.leaves_field)
+    return replace(value, eax=fms)
+
+
+def _ext_features_verdict(value: CpuidValue, params: TdParams) -> Verdict | CpuidValue:
+    """CPUID(7,0) after its XFAM masks (tdh_mng_init.c:337-373): HLE and RTM alike, else
+    OPERAND_INVALID(CPUID_CONFIG) with no leaf in RCX; PKS as ATTRIBUTES.PKS, KL_SUPPORTED 0.
+    Not modelled: TDX_INCORRECT_MSR_VALUE when TSX is on and IA32_ARCH_CAPABILITIES lacks
+    TSX_CTRL (no native CPUID here has TSX)."""
+    if bool(value.ebx & abi.CPUID_7_0_EBX_HLE) != bool(value.ebx & abi.CPUID_7_0_EBX_RTM):
+        return _invalid(OperandId.CPUID_CONFIG)
+    ecx = value.ecx & ~(abi.CPUID_7_0_ECX_PKS | abi.CPUID_7_0_ECX_KL_SUPPORTED)
+    if params.attributes & abi.TD_ATTR_PKS:
+        ecx |= abi.CPUID_7_0_ECX_PKS
+    return replace(value, ecx=ecx)
+
+
+def _with_la_bits(value: CpuidValue, la57: bool) -> CpuidValue:
+    """CPUID(0x80000008).EAX.LA_BITS from the TD's CPUID(7,0).ECX.LA57 (tdh_mng_init.c:482-497)."""
+    width = abi.LA57_LINEAR_ADDRESS_WIDTH if la57 else abi.LEGACY_LINEAR_ADDRESS_WIDTH
+    eax = value.eax & ~abi.CPUID_80000008_EAX_LA_BITS_MASK | width << abi.CPUID_80000008_EAX_LA_BITS_SHIFT
+    return replace(value, eax=eax)
+
+
 def _cpuid_verdict(params: TdParams, platform: PlatformConfig) -> Verdict:
+    """read_and_set_cpuid_configurations() for the CPUID_CONFIG leaves. The module loops in
+    cpuid_lookup[] order, which for leaves 1, 7.0 and 0x80000008 is their CPUID_CONFIG order, so a
+    leaf's refusal comes before any later leaf's. Leaves outside CPUID_CONFIG (which the module
+    also virtualizes) are not modelled."""
+    stored: dict[CpuidKey, CpuidValue] = {}
     for config, value in zip(platform.cpuid_config, params.cpuid_values):
-        allowed = (config.eax, config.ebx, config.ecx, config.edx)
-        if any(v & ~a for v, a in zip(value.regs, allowed)):
+        key = (config.leaf, config.subleaf)
+        final = _configured(config, value)
+        if final is None:
             return _invalid(OperandId.CPUID_CONFIG, config.leaves_field)
-        if (config.leaf, config.subleaf) == (7, 0):
-            hle, rtm = bool(value.ebx & abi.CPUID_7_0_EBX_HLE), bool(value.ebx & abi.CPUID_7_0_EBX_RTM)
-            if hle != rtm:
-                return _invalid(OperandId.CPUID_CONFIG)
-    return Verdict(0)
+        final = _xfam_masked(final, key, params.xfam)
+        checked: Verdict | CpuidValue = final
+        if config.leaf == abi.CPUID_VER_INFO_LEAF:
+            checked = _fms_verdict(config, final, params.attributes)
+        elif key == (abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF):
+            checked = _ext_features_verdict(final, params)
+        elif config.leaf == abi.CPUID_GET_MAX_PA_LEAF:
+            ext = stored.get((abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF), CpuidValue())
+            checked = _with_la_bits(final, bool(ext.ecx & abi.CPUID_7_0_ECX_LA57))
+        if isinstance(checked, Verdict):
+            return checked
+        stored[key] = checked
+    return Verdict(0, cpuid=stored)
 
 
 def check(params: TdParams, platform: PlatformConfig, tdcs_pages: int) -> Verdict:
@@ -181,4 +262,4 @@ def check(params: TdParams, platform: PlatformConfig, tdcs_pages: int) -> Verdic
     # Without MSR_CONFIG_CTLS.IA32_ARCH_CAP there is nothing to configure.
     if not params.msr_config_ctls & MSR_CONFIG_CTLS_IA32_ARCH_CAP and params.ia32_arch_capabilities_config:
         return _invalid(OperandId.IA32_ARCH_CAPABILITIES_CONFIG)
-    return Verdict(0)
+    return verdict

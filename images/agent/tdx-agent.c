@@ -380,10 +380,16 @@ static void step_init_vm(const struct step *s)
 	memcpy(cpuid->entries, agent.caps_cpuid, agent.caps_nent * sizeof(cpuid->entries[0]));
 	if (extra)
 		cpuid->entries[n - 1].function = (__u32)extra;
-	for (unsigned i = 0; i < n; i++)
+	for (unsigned i = 0; i < n; i++) {
 		if (cpuid->entries[i].function == 0x80000008)
 			cpuid->entries[i].eax = (cpuid->entries[i].eax & ~(0xffu << GPAW_SHIFT)) |
 				((__u32)arg_or(s, "gpaw", 48) & 0xff) << GPAW_SHIFT;
+		/* CAPABILITIES offers CPUID(1).EAX's configurable mask, which TDH.MNG.INIT refuses as
+		   a family/model/stepping; 0 asks the module for the platform's, as a VMM's vCPU model
+		   names its own. */
+		if (cpuid->entries[i].function == 1)
+			cpuid->entries[i].eax = 0;
+	}
 	mark_subleaves(cpuid->entries, n);
 	init->attributes = arg_or(s, "attributes", 0);
 	init->xfam = arg_or(s, "xfam", 0x3);  /* x87 and SSE: the XFAM every TD has */

@@ -158,8 +158,11 @@ def kvm_capabilities(info: TdxSysinfo) -> list[tuple[int, int, tuple[int, int, i
 
 
 def kvm_td_params(info: TdxSysinfo, attributes: int, xfam: int, max_vcpus: int, tsc_khz: int,
-                  mrconfigid: bytes = bytes(48), gpaw_bits: int = 48) -> bytes:
-    """setup_tdparams(): struct td_params exactly as KVM lays it out (1024 bytes)."""
+                  mrconfigid: bytes = bytes(48), gpaw_bits: int = 48, fms: int = 0) -> bytes:
+    """setup_tdparams(): struct td_params exactly as KVM lays it out (1024 bytes), from the
+    CAPABILITIES entries as userspace passes them back, but for CPUID(1).EAX: CAPABILITIES offers
+    its CONFIG_DIRECT mask there, which the module refuses as a family/model/stepping, so
+    userspace puts ``fms`` (a VMM its vCPU model's; 0 asks the module for the platform's)."""
     eptp = VMX_EPTP_MT_WB | VMX_EPTP_PWL_4
     header = struct.pack("<QQH6sQQH38s48s48s48s32s", attributes | info[Field.ATTRIBUTES_FIXED1],
                          xfam | info[Field.XFAM_FIXED1], max_vcpus, bytes(6), eptp,
@@ -171,7 +174,7 @@ def kvm_td_params(info: TdxSysinfo, attributes: int, xfam: int, max_vcpus: int, 
         # Userspace sets GPAW 48 in 0x80000008 EAX[23:16]; KVM turns it into EPTP/CONFIG_FLAGS
         # and clears it, since the module does not take it here.
         assert gpaw_bits == 48
-        value_eax = eax & ~0xFF0000 if function == 0x80000008 else eax
+        value_eax = {0x80000008: eax & ~0xFF0000, 1: fms}.get(function, eax)
         values += struct.pack("<IIII", value_eax, ebx, ecx, edx)
     return (header + values).ljust(abi.TD_PARAMS_SIZE, b"\0")
 

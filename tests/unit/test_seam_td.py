@@ -4,6 +4,7 @@ no TD page and no KeyID behind. Expected values come from the kernel source and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 
@@ -194,7 +195,10 @@ def test_td_metadata_kvm_reads():
     leaf7 = 0x9410000300000000 | (7 & 0x7F) << 9 | 0 << 1
     config7 = next(c for c in td.module.platform.cpuid_config if c.leaf == 7)
     ebx_eax = td.sc(Leaf.TDH_MNG_RD, rcx=td.tdr, rdx=leaf7).regs[2]
-    assert ebx_eax >> 32 == config7.ebx & ~(1 << 4 | 1 << 11)
+    # CAPABILITIES offers leaf 7.0's CONFIG_DIRECT bits, none, so KVM configures no ALLOW_DIRECT
+    # bit and the TD keeps only the native bits that are neither those nor FIXED0
+    # (tdh_mng_init.c read_and_set_cpuid_configurations()).
+    assert ebx_eax >> 32 == config7.native.ebx & ~(config7.fixed0.ebx | config7.allow_direct.ebx)
     missing = call(td.module, td.memory, 0, Leaf.TDH_MNG_RD, rcx=td.tdr, rdx=0x9410000300000000 | 0x7E << 9)
     assert (missing.status, missing.regs[2]) == (Status.TDX_METADATA_FIELD_ID_INCORRECT, 0)
     # TDH.VP.RD/WR: what INIT_VCPU wrote reads back through the host masks.
@@ -306,8 +310,8 @@ def q(value: int) -> bytes:
     ({"rsvd1": (79, b"\1")}, op(Status.TDX_OPERAND_INVALID, OperandId.RDX), 0),
     ({"rsvd2": (255, b"\1")}, op(Status.TDX_OPERAND_INVALID, OperandId.RDX), 0),
     ({"rsvd3": (1023, b"\1")}, op(Status.TDX_OPERAND_INVALID, OperandId.RDX), 0),
-    # CPUID_CONFIG entry 5 is leaf 0x80000008: EAX[23:16] (GPAW) is not configurable.
-    ({"cpuid": (256 + 16 * 5, struct.pack("<I", 0x30 << 16))},
+    # CPUID_CONFIG entry 2 is leaf 0x80000008: EAX[23:16] (GPAW) is not configurable.
+    ({"cpuid": (256 + 16 * 2, struct.pack("<I", 0x30 << 16))},
      op(Status.TDX_OPERAND_INVALID, OperandId.CPUID_CONFIG), 0xFFFFFFFF_80000008),
     ({"tsx": (256 + 16 * 1 + 4, struct.pack("<I", 1 << 4))},  # HLE without RTM
      op(Status.TDX_OPERAND_INVALID, OperandId.CPUID_CONFIG), 0),
@@ -346,9 +350,10 @@ def test_control_pages_for_l2_vms_and_after_mng_init():
 
 
 def abi_cpuid_7_with_tsx() -> CpuidConfig:
-    """Leaf 7 with TSX configurable, so the HLE/RTM consistency check can be reached."""
+    """Leaf 7 on a CPU with TSX (HLE and RTM are ALLOW_DIRECT), so the HLE/RTM consistency check
+    on the TD's value can be reached."""
     base = PlatformConfig().cpuid_config[1]
-    return CpuidConfig(leaf=7, subleaf=0, ebx=base.ebx | 1 << 4 | 1 << 11, ecx=base.ecx, edx=base.edx)
+    return dataclasses.replace(base, native=dataclasses.replace(base.native, ebx=base.native.ebx | 1 << 4 | 1 << 11))
 
 
 def td_before_mng_init() -> KvmTd:
