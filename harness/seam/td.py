@@ -607,6 +607,9 @@ def mem_page_aug(seam: Seam, call: Call) -> int:
 
 
 def mr_extend(seam: Seam, call: Call) -> int:
+    """tdh_mr_extend.c: RCX and RDX 0 unless the S-EPT walk fails; the TDR (RDX), the TD's state,
+    the GPA 256-byte aligned and private (RCX), then a walk to a leaf with access rights."""
+    call.outputs.update(rcx=0, rdx=0)
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
@@ -616,11 +619,17 @@ def mr_extend(seam: Seam, call: Call) -> int:
     gpa = call.reg("rcx")
     if gpa % MR_EXTEND_CHUNK or not td.private_gpa(gpa):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
-    page_gpa = gpa - gpa % PAGE
-    leaf = td.leaves.get(page_gpa)
-    if leaf is None or leaf.state is not SeptState.MAPPED:
-        _sept_details(call, td, gpa, _walk(td, gpa, 0))
+    # check_and_walk_private_gpa_to_leaf() fails unless the walk ends on a leaf with RWX: a
+    # missing table, a FREE entry, PENDING (PAGE.AUG maps it without access) and BLOCKED
+    # (RANGE.BLOCK clears RWX) all do. The module turns that EPT_WALK_FAILED into
+    # EPT_ENTRY_NOT_PRESENT, with the entry where the walk stopped. Its next check, plain
+    # TDX_EPT_ENTRY_NOT_PRESENT for a leaf whose state MR.EXTEND does not take, is reached only
+    # by states that keep RWX (the migration states BLOCKEDW, EXPORTED_*), which the model lacks.
+    level = _walk(td, gpa, 0)
+    if level or not _entry(td, gpa, 0)[1] & abi.SEPTE_RWX:
+        _sept_details(call, td, gpa, level)
         return _op(Status.TDX_EPT_ENTRY_NOT_PRESENT, OperandId.RCX)
+    page_gpa = gpa - gpa % PAGE
     offset = gpa - page_gpa
     td.measurement.mr_extend(gpa, td.contents[page_gpa][offset:offset + MR_EXTEND_CHUNK])
     return 0

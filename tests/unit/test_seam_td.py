@@ -447,6 +447,50 @@ def test_sept_and_page_add_errors():
     assert failing(td, Leaf.TDH_MR_FINALIZE, rcx=td.tdr)[0] == Status.TDX_OP_STATE_INCORRECT
 
 
+def test_mr_extend_zeroes_rcx_rdx_and_checks_the_gpa_before_the_walk():
+    """tdh_mr_extend.c tdh_mr_extend(): RCX and RDX 0 on entry (no extended error), then the TDR
+    (RDX), the TD's state, the GPA 256-byte aligned, check_gpa_validity() private (both
+    OPERAND_INVALID(RCX)), and only then the S-EPT walk."""
+    td = built_td()
+    unmapped = 0x40_0000
+    for rcx, rdx, status in ((unmapped, td.tdr + 0x80, op(Status.TDX_OPERAND_INVALID, OperandId.RDX)),
+                             (unmapped + 0x80, td.tdr, op(Status.TDX_OPERAND_INVALID, OperandId.RCX)),
+                             (unmapped | 1 << 47, td.tdr, op(Status.TDX_OPERAND_INVALID, OperandId.RCX))):
+        got, regs = failing(td, Leaf.TDH_MR_EXTEND, rcx=rcx, rdx=rdx)
+        assert (got, regs[0], regs[1]) == (status, 0, 0), hex(rcx)
+    source, _ = source_page(td, 5)
+    td.add_page(unmapped, source, measure=False)
+    result = td.sc(Leaf.TDH_MR_EXTEND, rcx=unmapped, rdx=td.tdr)
+    assert (result.regs[0], result.regs[1]) == (0, 0)
+
+
+def test_mr_extend_walk_failure_names_the_entry_where_the_walk_stopped():
+    """tdh_mr_extend.c:113-133: check_and_walk_private_gpa_to_leaf() (helpers.c) fails unless the
+    walk ends on a leaf with RWX; the module returns that as TDX_EPT_ENTRY_NOT_PRESENT with
+    OPERAND_ID_RCX and set_arch_septe_details_in_vmm_regs() (sept_manager.c): RCX the entry (a
+    FREE one reads as SUPPRESS_VE alone), RDX its level | state << 8. PENDING entries have no
+    access (tdh_mem_page_aug.c: SEPT_PERMISSIONS_NONE), BLOCKED ones lose it
+    (tdh_mem_range_block.c), so they fail the walk at level 0 too."""
+    not_present = op(Status.TDX_EPT_ENTRY_NOT_PRESENT, OperandId.RCX)
+    td = built_td()
+    gpa = 0x40_0000
+    status, regs = failing(td, Leaf.TDH_MR_EXTEND, rcx=gpa, rdx=td.tdr)  # no table below the root (level 3)
+    assert (status, regs[0], regs[1]) == (not_present, abi.SEPTE_SUPPRESS_VE, 3 | SeptState.FREE << 8)
+    source, _ = source_page(td, 6)
+    td.add_page(gpa, source, measure=False)
+    status, regs = failing(td, Leaf.TDH_MR_EXTEND, rcx=gpa + PAGE, rdx=td.tdr)  # a FREE 4K entry
+    assert (status, regs[0], regs[1]) == (not_present, abi.SEPTE_SUPPRESS_VE, 0 | SeptState.FREE << 8)
+    pending_gpa, page = gpa + 2 * PAGE, td.pages.alloc()
+    td.sc(Leaf.TDH_MEM_PAGE_AUG, rcx=pending_gpa, rdx=td.tdr, r8=page)
+    status, regs = failing(td, Leaf.TDH_MR_EXTEND, rcx=pending_gpa, rdx=td.tdr)
+    assert (status, regs[0] & ~0xFFF, regs[0] & abi.SEPTE_RWX, regs[1]) == (not_present, page, 0,
+                                                                            0 | SeptState.PENDING << 8)
+    td.sc(Leaf.TDH_MEM_RANGE_BLOCK, rcx=gpa, rdx=td.tdr)
+    status, regs = failing(td, Leaf.TDH_MR_EXTEND, rcx=gpa + 0x100, rdx=td.tdr)
+    assert (status, regs[0] & ~0xFFF, regs[0] & abi.SEPTE_RWX, regs[1]) == (not_present, td.private[gpa], 0,
+                                                                            0 | SeptState.BLOCKED << 8)
+
+
 def test_finalize_needs_a_vcpu():
     td = new_td(ready_module())
     td.init_vm()
