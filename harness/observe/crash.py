@@ -26,6 +26,8 @@ class Crash(enum.Enum):
     SEAMCALL_FAILED = "SEAMCALL failed"
     TDX_INIT_FAILED = "TDX init failed"
     MODULE_UNREACHABLE = "software module unreachable"  # the shim's exchange failed: harness trouble
+    SEAMCALL_UD = "SEAMCALL outside VMX operation"  # #UD on hardware: a kernel bug
+    WIRE_TAKEOVER = "COM2 taken from a stopped CPU"  # the shim broke a stopped CPU's exchange
 
 
 # First match wins, so the specific kinds come before the generic ones ("BUG: KASAN:" is KASAN).
@@ -45,6 +47,8 @@ RULES: tuple[tuple[Crash, re.Pattern[str]], ...] = (
     (Crash.TDX_INIT_FAILED, patterns.INIT_FAILED),
     (Crash.MODULE_UNREACHABLE, patterns.SHIM_EXCHANGE_FAILED),
     (Crash.MODULE_UNREACHABLE, patterns.SHIM_PEER_DEAD),
+    (Crash.SEAMCALL_UD, patterns.SHIM_SEAMCALL_UD),
+    (Crash.WIRE_TAKEOVER, patterns.SHIM_WIRE_TAKEOVER),
 )
 
 

@@ -40,6 +40,12 @@ SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>
 SHIM_NO_ANSWER = re.compile(r"tdx-sw-module: no software TDX module answered on COM2")
 SHIM_EXCHANGE_FAILED = re.compile(r"tdx-sw-module: exchange failed: ")
 SHIM_PEER_DEAD = re.compile(r"tdx-sw-module: the software TDX module stopped answering")
+# kernel/panic.c __warn() in Linux 7.x: "WARNING: FILE:LINE at FUNC+OFF/LEN, CPU#N: COMM/PID".
+WARNING = re.compile(r"^WARNING: (?:(?P<file>\S+):(?P<line>\d+) )?at (?P<func>[\w.]+)\+0x[0-9a-f]+/0x[0-9a-f]+")
+# A SEAMCALL from a CPU outside VMX operation: #UD on hardware (TDX_SEAMCALL_UD, often unprinted).
+SHIM_SEAMCALL_UD = re.compile(r"tdx-sw-module: SEAMCALL 0x(?P<fn>[0-9a-f]+) on CPU (?P<cpu>\d+) outside VMX operation")
+# In #MC, NMI or panic context the shim took COM2 from a CPU stopped in the middle of an exchange.
+SHIM_WIRE_TAKEOVER = re.compile(r"tdx-sw-module: CPU (?P<cpu>\d+) took COM2 from CPU (?P<holder>-?\d+), stopped")
 # Machine checks (arch/x86/kernel/cpu/mce/core.c, pr_fmt "mce: ", HW_ERR "[Hardware Error]: ").
 # __print_mce(): the record's first line (MCG_STATUS, bank and MCi_STATUS in hex) and its TSC
 # line, which carries ADDR and MISC when non-zero.

@@ -61,6 +61,7 @@ def as_loaded(request: SeamcallRequest) -> SeamcallRequest:
 class SeamcallResult:
     status: int
     regs: tuple[int, ...]
+    withheld: bool = False  # a fault rule keeps the RETURN from the guest
 
 
 @dataclass

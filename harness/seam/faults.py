@@ -4,6 +4,7 @@ A rule matches on the leaf and optionally the nth call of that leaf, the calling
 package or the RDX input (a metadata field id for TDH.SYS.RD); when it matches, the call is not
 executed and the rule's status is returned, as when the real module rejects a call before doing
 any work. ``times`` bounds how often a rule fires ("busy for N calls", "entropy failure N times").
+A ``withhold`` rule instead lets the call run and never sends its answer (``withheld()``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class FaultRule:
     package: int | None = None
     rdx: int | None = None
     times: int | None = None  # None: every matching call
+    withhold: bool = False  # run the leaf, send no RETURN (status unused)
 
     def __post_init__(self) -> None:
         if self.nth is not None and self.nth < 1:
@@ -37,7 +39,8 @@ class FaultRule:
                                           ("rdx", None if self.rdx is None else hex(self.rdx)),
                                           ("times", self.times)) if v is not None]
         leaf = "any leaf" if self.leaf is None else abi.leaf_name(self.leaf)
-        return f"{leaf} -> {abi.status_name(self.status, self.leaf or 0)} [{', '.join(where) or 'every call'}]"
+        outcome = "answer withheld" if self.withhold else abi.status_name(self.status, self.leaf or 0)
+        return f"{leaf} -> {outcome} [{', '.join(where) or 'every call'}]"
 
 
 def busy(leaf: int, calls: int, operand: abi.OperandId | None = None, **match: Any) -> FaultRule:
@@ -51,6 +54,14 @@ def busy(leaf: int, calls: int, operand: abi.OperandId | None = None, **match: A
 def no_entropy(leaf: int, calls: int, **match: Any) -> FaultRule:
     """RDRAND/RDSEED inside the module fail ``calls`` times (TDX_RND_NO_ENTROPY)."""
     return FaultRule(leaf=leaf, status=abi.Status.TDX_RND_NO_ENTROPY, times=calls, **match)
+
+
+def withheld(leaf: int, calls: int = 1, **match: Any) -> FaultRule:
+    """The leaf runs but its RETURN is never sent, so the calling CPU stays inside its SEAMCALL,
+    holding the shim's wire, until its deadline (tdx_sw_module.timeout_ms). It makes a window the
+    shim really has deterministic: its exchange takes milliseconds, so a crash NMI or a broadcast
+    #MC can stop a CPU in the middle of one, where on hardware the SEAMCALL would have completed."""
+    return FaultRule(leaf=leaf, status=abi.Status.TDX_SUCCESS, times=calls, withhold=True, **match)
 
 
 def not_loaded() -> FaultRule:

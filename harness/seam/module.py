@@ -138,11 +138,10 @@ class TdxModule:
         nth = self.state.calls_per_leaf.get(number, 0) + 1
         self.state.calls_per_leaf[number] = nth
         rule = self.faults.match(number, nth, request.cpu, package, request.reg("rdx"))
-        if rule is not None:
+        injected = None if rule is None else rule.describe()
+        if rule is not None and not rule.withhold:
             status = int(rule.status)
-            injected: str | None = rule.describe()
         else:
-            injected = None
             try:
                 status = int(self._dispatch(call))
             except Exception as err:
@@ -153,7 +152,8 @@ class TdxModule:
         seen = tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, request.regs))
         self._record(request, seen, status, injected, call.note)
         # The registers the leaf did not write go back as the kernel sent them.
-        return SeamcallResult(status, tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, sent.regs)))
+        return SeamcallResult(status, tuple(call.outputs.get(name, value) for name, value in zip(REGISTERS, sent.regs)),
+                              withheld=rule is not None and rule.withhold)
 
     def _dispatch(self, call: Call) -> int:
         """tdx_vmm_dispatcher.c, in its order: the leaf encoding and version, then the module

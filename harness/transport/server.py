@@ -272,6 +272,9 @@ class SeamServer:
             with self.lock:
                 result = self.module.call(request, memory)
                 self.calls += 1
+            if result.withheld:
+                log.info("exchange %d: RETURN withheld by the fault plan", frame.seq)
+                return
             channel.send(ReturnPayload(result.status, result.regs).frame(frame.seq))
         elif frame.type is FrameType.ERROR:
             error = ErrorPayload.parse(frame)

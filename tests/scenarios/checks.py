@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import pytest
 
+from harness.deadline import Deadline
 from harness.machine.base import Machine
 from harness.machine.console import CommandResult
 from harness.machine.qemu import QemuMachine
@@ -14,9 +16,10 @@ from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
 from harness.observe.kvm import LOAD_KVM_INTEL
+from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
-from harness.seam.abi import Leaf
-from harness.seam.faults import FaultPlan
+from harness.seam.abi import Leaf, SeamldrLeaf
+from harness.seam.faults import FaultPlan, withheld
 from harness.seam.platform import PlatformConfig
 from harness.seam.trace import TraceRecord
 
@@ -120,3 +123,33 @@ def assert_no_td_left(machine: Machine) -> None:
     assert not state.tds, f"TDs left in the module: {[hex(tdr) for tdr in state.tds]}"
     assert not state.pages, f"pages still assigned: {[(hex(pa << 12), o) for pa, o in state.pages.items()][:8]}"
     assert set(state.kot) == {state.global_keyid}, f"KeyIDs not freed: {state.kot}"
+
+
+# Long enough that a CPU left inside a SEAMCALL stays there for the whole scenario (the default
+# 10 s could end its exchange before the crash or #MC it is meant to be caught by).
+HOLD_APPEND = "tdx_sw_module.timeout_ms=60000"
+HOLD_TIMEOUT = 60.0  # from the background read to the module having the call
+HOLD_POLL = 0.2
+
+
+def load_tdx_host(machine: Machine) -> None:
+    loaded = machine.run(LOAD_TDX_HOST, 60)
+    assert loaded.status == 0, f"tdx_host did not load: {loaded.output[-300:]}"
+
+
+def hold_inside_seamcall(machine: Machine, cpu: int) -> TraceRecord:
+    """Leave CPU ``cpu`` inside a SEAMCALL, holding the shim's wire: a P-SEAMLDR.INFO (a read of
+    tdx_host's seamldr_version pinned to that CPU) whose answer the module withholds. The machine
+    must have booted with HOLD_APPEND and loaded tdx_host (load_tdx_host()). Returns the held call
+    once the module has it."""
+    trace = machine.module.trace
+    mark = len(trace)
+    machine.module.faults.add(withheld(SeamldrLeaf.SEAMLDR_INFO, cpu=cpu))
+    started = machine.run(f"(taskset -c {cpu} cat {SEAMLDR_VERSION} > /dev/null 2>&1 &)", 30)
+    assert started.status == 0, f"the background read did not start: {started.output[-300:]}"
+    deadline = Deadline.after(HOLD_TIMEOUT)
+    while not (held := [r for r in trace.records[mark:] if r.injected and r.cpu == cpu]):
+        assert not deadline.expired(), (f"no SEAMLDR.INFO from CPU {cpu} reached the module within "
+                                        f"{HOLD_TIMEOUT:.0f} s; trace: {trace.records[mark:]}")
+        time.sleep(HOLD_POLL)
+    return held[0]

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from checks import kernel_log
+from checks import HOLD_APPEND, hold_inside_seamcall, kernel_log, load_tdx_host
 
 from harness.deadline import Deadline
 from harness.machine import postmortem
@@ -76,6 +76,9 @@ POLL_INTERVAL = 0.5
 # the port lock (= the nbcon console) SERIAL_PORT_AUTOSUSPEND_DELAY_MS = 500 ms after the last
 # transmission (drivers/tty/serial/serial_port.c): 0.5 s injected right into it.
 QUIET_SECONDS = 2.0
+# mce_reign()'s panic (arch/x86/kernel/cpu/mce/core.c); a CPU that gave up on the monarch panics
+# with "Panicing machine check CPU died" instead.
+MONARCH_PANIC = "Fatal machine check"
 
 
 class Target(enum.Enum):
@@ -149,9 +152,24 @@ def test_logged_only_record_never_asks_the_module(boot, platform_config):
     check_case(boot, platform_config, Path.MCE_INJECT_SW, CASES["pamt_page"])
 
 
-def check_case(boot, platform_config, path: Path, case: Case) -> None:
+def test_broadcast_mce_with_another_cpu_inside_a_seamcall(boot, platform_config):
+    """A broadcast #MC catches CPU 1 in the middle of a SEAMCALL (the module withholds its
+    P-SEAMLDR.INFO answer, so CPU 1 holds the shim's wire; on hardware that SEAMCALL would have
+    completed first). mce_panic()'s RDMD must still be answered within the #MC rendezvous (about
+    1 s, then the other CPUs panic on their own): the shim takes the wire from the stopped CPU
+    and the TDX line prints as without the held call."""
+    outcome = check_case(boot, platform_config, Path.HMP, CASES["pamt_page"], hold_cpu=1)
+    takeover = outcome.log.expect(patterns.SHIM_WIRE_TAKEOVER)
+    assert int(takeover["holder"]) == 1, takeover.string
+    assert int(takeover["cpu"]) == outcome.rdmds[0].cpu, (takeover.string, outcome.rdmds[0])
+    assert outcome.log.expect(patterns.MCE_KERNEL_PANIC)["reason"] == MONARCH_PANIC
+
+
+def check_case(boot, platform_config, path: Path, case: Case, hold_cpu: int | None = None) -> Outcome:
+    """The case on ``path``; with ``hold_cpu``, that CPU sits inside a SEAMCALL (holding the
+    shim's wire) when the #MC comes."""
     machine = boot(case.config, platform=platform_config(**case.platform),
-                   faults=FaultPlan(list(case.faults)))
+                   faults=FaultPlan(list(case.faults)), append=HOLD_APPEND if hold_cpu is not None else "")
     cpu = guest_cpu(machine)
     host_platform = "tdx_host_platform" in cpu.flags
     assert host_platform is case.host_platform, f"X86_FEATURE_TDX_HOST_PLATFORM is {host_platform}: {cpu}"
@@ -164,8 +182,11 @@ def check_case(boot, platform_config, path: Path, case: Case) -> None:
 
     tdmrs = [tdmr.info for tdmr in machine.module.state.tdmrs]
     mce = uncorrected_memory_error(aim(machine, case.target, tdmrs) + OFFSET_IN_PAGE)
+    if hold_cpu is not None:
+        load_tdx_host(machine)
+        hold_inside_seamcall(machine, hold_cpu)
     if path is Path.HMP:
-        outcome = inject_hmp(machine, mce)
+        outcome = inject_hmp(machine, mce, allowed=(Crash.WIRE_TAKEOVER,) if hold_cpu is not None else ())
     else:
         outcome = inject_debugfs(machine, mce, InjectFlags.HW if path is Path.MCE_INJECT_HW else InjectFlags.SW,
                                  allowed)
@@ -189,6 +210,7 @@ def check_case(boot, platform_config, path: Path, case: Case) -> None:
         outcome.log.expect_absent(patterns.MCE_TDX_PRIVATE)
     if path is not Path.HMP:  # fake_panic: the machine lives on
         assert machine.run("echo alive", 30).output.strip() == "alive"
+    return outcome
 
 
 # --- steps --------------------------------------------------------------------------------------
@@ -232,7 +254,7 @@ def inject_debugfs(machine: QemuMachine, mce: Mce, flags: InjectFlags, allowed: 
                    {"settled_s": round(machine.module.trace.now() - injected_at, 3)})
 
 
-def inject_hmp(machine: QemuMachine, mce: Mce) -> Outcome:
+def inject_hmp(machine: QemuMachine, mce: Mce, allowed: tuple[Crash, ...] = ()) -> Outcome:
     """A real #MC from QEMU; the fatal error panics the guest, which resets itself (panic=-1);
     QEMU holds it paused there (postmortem.hold_at_reset) and is then told to quit. Everything
     is read from the console log the harness kept.
@@ -271,7 +293,7 @@ def inject_hmp(machine: QemuMachine, mce: Mce) -> Outcome:
     exitcode = machine.wait_exit(EXIT_TIMEOUT)
     assert exitcode == 0, f"QEMU did not quit when told to (exit code {exitcode})"
     log = Timeline.from_console(machine.console_lines()[line_mark:], machine.console_log)
-    surprises = unexpected(classify(log.records), (Crash.MCE, Crash.PANIC))
+    surprises = unexpected(classify(log.records), (Crash.MCE, Crash.PANIC, *allowed))
     assert not surprises, "unexpected kernel trouble:\n" + "\n".join(f"  {f}" for f in surprises)
     log.expect(patterns.MCE_KERNEL_PANIC)
     return Outcome(log, rdmds_since(machine, trace_mark), injected_at,

@@ -19,7 +19,7 @@ import errno
 import os
 
 import pytest
-from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, load_tdx_host
 
 from harness.machine.qemu import QemuConfig
 from harness.observe import patterns, tdx_host
@@ -45,8 +45,7 @@ def newer(machine, update: int = 5) -> ModuleImage:
 
 
 def with_tdx_host(machine):
-    result = machine.run(tdx_host.LOAD_TDX_HOST, 60)
-    assert result.status == 0, f"modprobe tdx-host: {result.output}"
+    load_tdx_host(machine)
     return machine
 
 

@@ -32,6 +32,8 @@ LINES = {
     "VMFAILINVALID": Crash.MODULE_UNREACHABLE,
     "tdx-sw-module: the software TDX module stopped answering: every later SEAMCALL fails at once with "
     "VMFAILINVALID": Crash.MODULE_UNREACHABLE,
+    "tdx-sw-module: SEAMCALL 0x21 on CPU 0 outside VMX operation: #UD": Crash.SEAMCALL_UD,
+    "tdx-sw-module: CPU 0 took COM2 from CPU 1, stopped in the middle of an exchange": Crash.WIRE_TAKEOVER,
 }
 
 

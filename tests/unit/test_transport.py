@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from harness.seam import abi
 from harness.seam.abi import Leaf, Status
+from harness.seam.faults import withheld
 from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
+from harness.seam.state import SysState
 from harness.transport.errors import ProtocolError
 from harness.transport.frames import (
     HEADER,
@@ -114,6 +116,22 @@ def test_calls_and_memory_reads_over_the_socket(served):
     assert result.status == abi.with_info(Status.TDX_INVALID_TDMR, 0)
     assert [r.leaf for r in module.trace][-1] == "TDH.SYS.CONFIG"
     assert server.calls == 4
+
+
+def test_withheld_answer_runs_the_leaf_and_the_next_call_is_answered(served):
+    """faults.withheld(): the module runs the leaf but sends no RETURN (a CPU stays inside its
+    SEAMCALL); a later CALL, as from a CPU that took the wire, gets its own answer."""
+    module, server, shim = served
+    module.faults.add(withheld(Leaf.TDH_SYS_INIT))
+    shim.hello()
+    shim.timeout = 0.5
+    with pytest.raises(TimeoutError):
+        shim.seamcall(0, Leaf.TDH_SYS_INIT)
+    assert module.state.sys is SysState.SYSINIT_DONE
+    assert [(r.leaf, r.status, r.injected) for r in module.trace] == \
+        [("TDH.SYS.INIT", 0, "TDH.SYS.INIT -> answer withheld [times=1]")]
+    assert shim.seamcall(0, Leaf.TDH_SYS_LP_INIT).status == 0
+    assert server.calls == 2 and not module.anomalies
 
 
 def test_memory_the_guest_refuses_fails_the_call_cleanly(served):
