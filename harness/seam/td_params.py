@@ -127,11 +127,13 @@ def _eptp_ok(eptp: int, gpaw: bool, platform: PlatformConfig) -> bool:
     return not (gpaw and pwl < abi.EPTP_PWL_5)
 
 
+_VER_INFO: CpuidKey = (abi.CPUID_VER_INFO_LEAF, abi.CPUID_NO_SUBLEAF)
+_EXT_FEATURES: CpuidKey = (abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF)
 # Bits of a CPUID leaf that XFAM bit n enables (cpuid_configurations.c xfam_mask_0x1_0xffffffff,
 # xfam_mask_0x7_0x0): TDH.MNG.INIT clears them when the TD's XFAM lacks bit n.
 XFAM_MASKS: dict[CpuidKey, dict[int, CpuidValue]] = {
-    (abi.CPUID_VER_INFO_LEAF, abi.CPUID_NO_SUBLEAF): {2: CpuidValue(ecx=0x30001000)},
-    (abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF): {
+    _VER_INFO: {2: CpuidValue(ecx=0x30001000)},
+    _EXT_FEATURES: {
         2: CpuidValue(ebx=0x20, ecx=0x600),
         **{bit: CpuidValue(ebx=0xDC230000, ecx=0x5842, edx=0x80010C) for bit in (5, 6, 7)},
         8: CpuidValue(ebx=0x2000000),
@@ -218,10 +220,10 @@ def _cpuid_verdict(params: TdParams, platform: PlatformConfig) -> Verdict:
         checked: Verdict | CpuidValue = final
         if config.leaf == abi.CPUID_VER_INFO_LEAF:
             checked = _fms_verdict(config, final, params.attributes)
-        elif key == (abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF):
+        elif key == _EXT_FEATURES:
             checked = _ext_features_verdict(final, params)
         elif config.leaf == abi.CPUID_GET_MAX_PA_LEAF:
-            ext = stored.get((abi.CPUID_EXT_FEATURES_LEAF, abi.CPUID_EXT_FEATURES_SUBLEAF), CpuidValue())
+            ext = stored.get(_EXT_FEATURES, CpuidValue())
             checked = _with_la_bits(final, bool(ext.ecx & abi.CPUID_7_0_ECX_LA57))
         if isinstance(checked, Verdict):
             return checked

@@ -148,7 +148,8 @@ def hold_inside_seamcall(machine: Machine, cpu: int) -> TraceRecord:
     started = machine.run(f"(taskset -c {cpu} cat {SEAMLDR_VERSION} > /dev/null 2>&1 &)", 30)
     assert started.status == 0, f"the background read did not start: {started.output[-300:]}"
     deadline = Deadline.after(HOLD_TIMEOUT)
-    while not (held := [r for r in trace.records[mark:] if r.injected and r.cpu == cpu]):
+    while not (held := [r for r in trace.records[mark:]
+                        if r.fn == SeamldrLeaf.SEAMLDR_INFO and r.injected and r.cpu == cpu]):
         assert not deadline.expired(), (f"no SEAMLDR.INFO from CPU {cpu} reached the module within "
                                         f"{HOLD_TIMEOUT:.0f} s; trace: {trace.records[mark:]}")
         time.sleep(HOLD_POLL)
