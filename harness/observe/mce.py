@@ -9,6 +9,7 @@ bug.", comes from one chain (arch/x86/kernel/cpu/mce/core.c, arch/x86/virt/vmx/t
         tdx_dump_mce_info()            mce_is_memory_error() && mce_usable_address()
           paddr_is_tdx_private()       X86_FEATURE_TDX_HOST_PLATFORM, then
             TDH.PHYMEM.PAGE.RDMD       RCX = addr & PAGE_MASK; any error status -> not private
+                                       (#UD outside VMX operation: TDX_SEAMCALL_UD, an error)
             page type in RCX           PT_NDA -> no; PT_RSVD -> is_pamt_page(); others -> yes
 """
 
@@ -79,6 +80,9 @@ class MceConditions:
     erratum: bool  # X86_BUG_TDX_PW_MCE
     host_platform: bool  # X86_FEATURE_TDX_HOST_PLATFORM ("tdx_host_platform" in cpuinfo flags)
     reaches_panic: bool  # the record reaches mce_panic(): a fatal #MC, not a logged-only record
+    # The CPU is in VMX operation. tdx_enable() takes a reference on every online CPU through its
+    # cpuhp state and, when init_tdx_module() fails, cpuhp_remove_state() drops them again.
+    vmx_operation: bool = True
 
 
 def rdmd_expected(mce: Mce, cond: MceConditions) -> bool:
@@ -87,10 +91,16 @@ def rdmd_expected(mce: Mce, cond: MceConditions) -> bool:
             and cond.host_platform)
 
 
+def rdmd_reaches_module(mce: Mce, cond: MceConditions) -> bool:
+    """Whether the kernel's RDMD gets to the module: outside VMX operation SEAMCALL is #UD, which
+    the SEAMCALL fixup turns into TDX_SEAMCALL_UD before SEAM is entered."""
+    return rdmd_expected(mce, cond) and cond.vmx_operation
+
+
 def tdx_message_expected(mce: Mce, cond: MceConditions, answer: RdmdAnswer | None,
                          pamts: Sequence[tuple[int, int]]) -> bool:
-    """Whether the kernel prints the TDX private memory message, given the module's RDMD
-    answer (None when no RDMD was issued)."""
+    """Whether the kernel prints the TDX private memory message, given the RDMD's answer: the
+    module's, or TDX_SEAMCALL_UD outside VMX operation (None when no RDMD was issued)."""
     if not rdmd_expected(mce, cond):
         return False
     if answer is None:

@@ -9,7 +9,9 @@ for PAMT pages (harness/observe/mce.py follows the chain). So, with a fatal memo
 - erratum CPU, module initialized: a PAMT page -> message; plain kernel memory -> none; a page
   the module holds for a TD -> message;
 - erratum CPU, module init failed: the kernel still asks (X86_FEATURE_TDX_HOST_PLATFORM only needs
-  the KeyIDs), the module answers with an error, the kernel trusts nothing -> none;
+  the KeyIDs), but the failed tdx_enable() took every CPU out of VMX operation, so the SEAMCALL
+  is #UD (TDX_SEAMCALL_UD; the shim notes it) and never reaches the module; the kernel trusts
+  nothing -> none;
 - erratum CPU model without TDX KeyIDs: tdx_init() stops before check_tdx_erratum(), so there is
   no X86_BUG_TDX_PW_MCE either -> no RDMD, no message;
 - CPU without the erratum: the kernel never asks -> no RDMD, no message;
@@ -51,6 +53,7 @@ from harness.observe.mce import (
     pamt_page,
     pamt_ranges,
     rdmd_expected,
+    rdmd_reaches_module,
     sets_pw_mce_bug,
     tdx_message_expected,
 )
@@ -177,22 +180,24 @@ def check_case(boot, platform_config, path: Path, case: Case, hold_cpu: int | No
         f"the CPU is not the one configured: {cpu}"
     erratum = sets_pw_mce_bug(cpu.vendor, cpu.family, cpu.model, host_platform)
     assert ("tdx_pw_mce" in cpu.bugs) is erratum, f"X86_BUG_TDX_PW_MCE should be {erratum}: {cpu}"
-    allowed = (Crash.MCE, *case.at_boot)  # from the injection on
     kernel_log(machine, allow=case.at_boot).expect(case.boot_message)
 
     tdmrs = [tdmr.info for tdmr in machine.module.state.tdmrs]
     mce = uncorrected_memory_error(aim(machine, case.target, tdmrs) + OFFSET_IN_PAGE)
+    cond = MceConditions(erratum=erratum, host_platform=host_platform,
+                         reaches_panic=path.reaches_panic and mce.is_fatal(), vmx_operation=case.initialized)
+    # From the injection on: the #MC itself, a #UD RDMD when the kernel asks outside VMX operation.
+    provoked = (Crash.SEAMCALL_UD,) if rdmd_expected(mce, cond) and not cond.vmx_operation else ()
     if hold_cpu is not None:
         load_tdx_host(machine)
         hold_inside_seamcall(machine, hold_cpu)
+        provoked += (Crash.WIRE_TAKEOVER,)
     if path is Path.HMP:
-        outcome = inject_hmp(machine, mce, allowed=(Crash.WIRE_TAKEOVER,) if hold_cpu is not None else ())
+        outcome = inject_hmp(machine, mce, allowed=provoked)
     else:
         outcome = inject_debugfs(machine, mce, InjectFlags.HW if path is Path.MCE_INJECT_HW else InjectFlags.SW,
-                                 allowed)
+                                 (Crash.MCE, *case.at_boot, *provoked))
 
-    cond = MceConditions(erratum=erratum, host_platform=host_platform,
-                         reaches_panic=path.reaches_panic and mce.is_fatal())
     answer = check_rdmd(outcome, mce, cond, case)
     # Measured figures (module trace clock, seconds from the injection): log and run directory.
     log.info("%s: %s", path.value, outcome.facts)
@@ -306,11 +311,16 @@ def rdmds_since(machine: QemuMachine, trace_mark: int) -> list[TraceRecord]:
 
 def check_rdmd(outcome: Outcome, mce: Mce, cond: MceConditions, case: Case) -> RdmdAnswer | None:
     """The RDMD calls the kernel made during the MCE: one exactly when its rules say it asks,
-    for the page of the error address; returns the module's answer."""
-    expected = rdmd_expected(mce, cond)
-    assert len(outcome.rdmds) == int(expected), \
-        f"expected {int(expected)} RDMD call(s) after the injection, the trace has {outcome.rdmds}"
-    if not expected:
+    for the page of the error address; returns the answer the kernel got (TDX_SEAMCALL_UD for a
+    call that was #UD outside VMX operation and so never reached the module)."""
+    reaches = rdmd_reaches_module(mce, cond)
+    assert len(outcome.rdmds) == int(reaches), \
+        f"expected {int(reaches)} RDMD call(s) in the module's trace after the injection, it has {outcome.rdmds}"
+    if rdmd_expected(mce, cond) and not reaches:
+        ud = outcome.log.expect(patterns.SHIM_SEAMCALL_UD)
+        assert int(ud["fn"], 16) == Leaf.TDH_PHYMEM_PAGE_RDMD, ud.string
+        return RdmdAnswer(Status.TDX_SEAMCALL_UD)
+    if not reaches:
         return None
     call = outcome.rdmds[0]
     assert call.inputs["rcx"] == mce.page, f"RDMD for {call.inputs['rcx']:#x}, the error is at {mce.addr:#x}"
@@ -320,12 +330,9 @@ def check_rdmd(outcome: Outcome, mce: Mce, cond: MceConditions, case: Case) -> R
     # On success RCX holds the page type (the trace keeps only outputs that changed).
     answer = RdmdAnswer(call.status) if call.status else RdmdAnswer(0, call.outputs.get("rcx", call.inputs["rcx"]))
     # The module answered what the test arranged.
-    if not case.initialized:
-        assert answer.status, f"a module that failed init answered RDMD with success: {call}"
-    else:
-        arranged = {Target.PAMT: PageType.PT_RSVD, Target.KERNEL_MEMORY: PageType.PT_NDA,
-                    Target.TD_PRIVATE: PageType.PT_REG}[case.target]
-        assert answer == RdmdAnswer(0, arranged), f"module answered {call}, arranged {arranged.name}"
+    arranged = {Target.PAMT: PageType.PT_RSVD, Target.KERNEL_MEMORY: PageType.PT_NDA,
+                Target.TD_PRIVATE: PageType.PT_REG}[case.target]
+    assert answer == RdmdAnswer(0, arranged), f"module answered {call}, arranged {arranged.name}"
     return answer
 
 

@@ -29,6 +29,7 @@ from harness.observe.mce import (
     pamt_page,
     pamt_ranges,
     rdmd_expected,
+    rdmd_reaches_module,
     sets_pw_mce_bug,
     tdx_message_expected,
 )
@@ -191,6 +192,16 @@ def test_rdmd_only_on_the_full_chain():
         assert not rdmd_expected(mce, cond)
     unusable = Mce(status=mce.status & ~MciStatus.MISCV, mcg_status=mce.mcg_status, addr=mce.addr, misc=0)
     assert not rdmd_expected(unusable, ERRATUM)
+
+
+def test_rdmd_outside_vmx_operation_is_ud_and_not_private():
+    """The kernel still asks after init_tdx_module() failed (the CPUs left VMX operation), the
+    SEAMCALL is #UD and TDX_SEAMCALL_UD, an error status, means "not private"."""
+    mce = uncorrected_memory_error(0x200000)
+    off = MceConditions(erratum=True, host_platform=True, reaches_panic=True, vmx_operation=False)
+    assert rdmd_expected(mce, off) and not rdmd_reaches_module(mce, off)
+    assert rdmd_reaches_module(mce, ERRATUM)
+    assert not tdx_message_expected(mce, off, RdmdAnswer(Status.TDX_SEAMCALL_UD), PAMT)
 
 
 def test_message_follows_the_module_answer():
