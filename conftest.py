@@ -44,7 +44,7 @@ from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
 from harness.repro import BUNDLE_NAME, write_bundle
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
-from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES
+from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES, default_profile
 
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
@@ -70,7 +70,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where each scenario's logs and trace go [TDXH_ARTIFACTS]")
     group.addoption("--keep-artifacts", action="store_true", default=bool(os.environ.get("TDXH_KEEP_ARTIFACTS")),
                     help="keep logs of passing scenarios too [TDXH_KEEP_ARTIFACTS]")
-    group.addoption("--module-profile", default=os.environ.get(PROFILE_ENV, DEFAULT_PROFILE), choices=sorted(PROFILES),
+    group.addoption("--module-profile", default=default_profile(), choices=sorted(PROFILES),
                     help=f"the TDX module release the software module follows (harness/seam/profiles.py; default "
                          f"{DEFAULT_PROFILE}) [{PROFILE_ENV}]")
     group.addoption("--coverage", type=Path, default=os.environ.get(COVERAGE_ENV), metavar="DIR",

@@ -29,7 +29,7 @@ from harness.repro import BundleError, harness_commit, open_bundle, reproduce
 from harness.run import CommandError, run
 from harness.seam.faults import FaultPlan
 from harness.seam.platform import PlatformConfig
-from harness.seam.profiles import DEFAULT_PROFILE, PROFILES
+from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES, default_profile
 
 log = logging.getLogger("harness")
 
@@ -107,10 +107,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    try:
+    try:  # the cheap checks first: a bad profile or fault plan must not wait for a kernel build
+        platform = PlatformConfig.for_profile(args.module_profile, module_present=not args.no_module)
+        faults = FaultPlan.load(args.faults) if args.faults else FaultPlan()
         images = images_from(args, coverage=args.coverage is not None)
         config = machine_config(args)
-        faults = FaultPlan.load(args.faults) if args.faults else FaultPlan()
         if images.coverage is not None:
             images.coverage.claim(args.coverage)
     except (*SETUP_ERRORS, CoverageBuildError) as err:
@@ -118,7 +119,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return 1
     name = time.strftime("boot-%Y%m%d-%H%M%S")
     run_dir = args.run_dir or Path(paths.cache_dir()) / "runs" / name
-    platform = PlatformConfig.for_profile(args.module_profile, module_present=not args.no_module)
     log.info("run directory: %s", run_dir)
     machine = None
     coverage = ScenarioCoverage(args.coverage, name, images.coverage) if images.coverage is not None else None
@@ -251,8 +251,9 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--trace", type=Path, help="write the SEAMCALL trace (JSON lines) here")
     p.add_argument("--faults", type=Path, help="fault plan (JSON) to load into the module")
     p.add_argument("--no-module", action="store_true", help="platform with TDX KeyIDs but no module loaded")
-    p.add_argument("--module-profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
-                   help=f"the TDX module release the software module follows (default {DEFAULT_PROFILE})")
+    p.add_argument("--module-profile", choices=sorted(PROFILES), default=default_profile(),
+                   help=f"the TDX module release the software module follows (default {DEFAULT_PROFILE}) "
+                        f"[{PROFILE_ENV}]")
     p.add_argument("--run-dir", type=Path, help="where logs go (default under the cache)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for boot and for the command")
     p.add_argument("--coverage", type=Path, metavar="DIR",

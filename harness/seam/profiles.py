@@ -19,12 +19,13 @@ The leaves' behaviour otherwise follows the 1.5 source in both profiles.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from harness.seam.abi import Leaf
 
 MAX_LEAF_VERSION = 1
-PROFILE_ENV = "TDXH_MODULE_PROFILE"  # pytest --module-profile's default
+PROFILE_ENV = "TDXH_MODULE_PROFILE"  # the default of pytest --module-profile and tdxh boot --module-profile
 
 
 def _bits(*positions: int) -> int:
@@ -63,6 +64,11 @@ PROFILES: dict[str, ModuleProfile] = {
 }
 # Linux 7.3's KVM needs TDH.VP.INIT v1 and TOPOLOGY_ENUM: of the public modules, only 2.0 has them.
 DEFAULT_PROFILE = "2.0"
+
+
+def default_profile() -> str:
+    """$TDXH_MODULE_PROFILE when set, else DEFAULT_PROFILE."""
+    return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
 
 
 def profile(name: str) -> ModuleProfile:

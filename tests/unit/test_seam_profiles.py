@@ -12,12 +12,14 @@ import pytest
 from kvm_replay import RAM, kvm_tdx_hardware_setup, read_sysinfo, ready_module
 from linux_replay import call, replay_init
 
+from harness import commands
+from harness.cli import build_parser
 from harness.seam import abi
 from harness.seam.abi import Field, Leaf, OperandId, Status
 from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import LogicalCpu, PlatformConfig, cmrs_for_ram
-from harness.seam.profiles import DEFAULT_PROFILE, PROFILES
+from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES
 
 BAD_RAX = abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
 G = 1 << 30
@@ -117,3 +119,20 @@ def test_an_unknown_release_is_refused_by_name():
 def test_a_platform_config_that_cannot_exist_is_refused_when_made(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PlatformConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_tdxh_boot_takes_its_default_release_from_the_environment(monkeypatch):
+    """`tdxh boot` and `pytest --module-profile` share TDXH_MODULE_PROFILE as their default."""
+    monkeypatch.setenv(PROFILE_ENV, "1.5.01")
+    assert build_parser().parse_args(["boot"]).module_profile == "1.5.01"
+    monkeypatch.delenv(PROFILE_ENV)
+    assert build_parser().parse_args(["boot"]).module_profile == DEFAULT_PROFILE
+
+
+def test_tdxh_boot_refuses_an_unknown_release_before_building(monkeypatch, capsys):
+    """A bad profile is reported at once, not after the kernel build images_from() would start."""
+    monkeypatch.setenv(PROFILE_ENV, "9.9")
+    monkeypatch.setattr(commands, "images_from", lambda *a, **k: pytest.fail("images_from ran before the check"))
+    args = build_parser().parse_args(["boot"])
+    assert args.func(args) == 1
+    assert "unknown module profile '9.9'" in capsys.readouterr().err
