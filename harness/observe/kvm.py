@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from harness.machine.console import CommandResult
+from harness.seam import abi
 from harness.seam.platform import CpuidConfig, PlatformConfig
 
 AGENT = "tdx-agent"
@@ -33,7 +34,10 @@ CPUID7_ECX_WAITPKG = 1 << 5
 KVM_EXIT_IO = 2
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 KVM_EXIT_INTR = 10
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_MMIO = 6
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_TDX = 40
 KVM_SYSTEM_EVENT_TDX_FATAL = 7
 # tdx_report_fatal_error(): system_event.data[] holds the TD's registers by x86 number.
 VCPU_REGS_R11, VCPU_REGS_R12 = 11, 12
@@ -144,3 +148,52 @@ def offered_cpuid(config: CpuidConfig) -> CpuidEntry:
 
 def cpuid_entries(step: AgentStep) -> list[CpuidEntry]:
     return [CpuidEntry(**entry) for entry in step.outputs["cpuid"]]
+
+
+# --- KVM's TDVMCALL handling (tdx.c: handle_tdvmcall, tdx_map_gpa, __tdx_map_gpa) ----------------
+
+KVM_HC_MAP_GPA_RANGE = 12  # include/uapi/linux/kvm_para.h
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4  # arch/x86/include/uapi/asm/kvm_para.h
+KVM_MAP_GPA_RANGE_DECRYPTED = 0
+TDX_MAP_GPA_MAX_LEN = 2 << 20  # one KVM_HC_MAP_GPA_RANGE exit covers at most this much
+PAGE_SIZE = 4096
+MSR_IA32_CR_PAT_DEFAULT = 0x0007040600070406  # kvm_vcpu_reset()
+
+
+def shared_bit(gpaw: int) -> int:
+    """The GPA bit that marks a shared page: TDX_SHARED_BIT_PWL_4 (47) or _PWL_5 (51)."""
+    return 1 << (gpaw - 1)
+
+
+@dataclass(frozen=True)
+class MapGpaExit:
+    """One KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE): args[0..2] as __tdx_map_gpa() fills them."""
+
+    gpa: int  # without the shared bit
+    pages: int
+    attributes: int
+
+
+def map_gpa_refusal(gpa: int, size: int, gpaw: int, maxphyaddr: int, exit_enabled: bool) -> int | None:
+    """tdx_map_gpa()'s checks, in its order: the TDVMCALL status the TD gets at once, or None
+    when KVM takes the conversion to userspace."""
+    if not exit_enabled:  # userspace did not ask for KVM_HC_MAP_GPA_RANGE exits
+        return abi.TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED
+    end = gpa + size
+    legal = end > gpa and gpa >> maxphyaddr == 0 and (end - 1) >> maxphyaddr == 0
+    if not legal or bool(gpa & shared_bit(gpaw)) != bool((end - 1) & shared_bit(gpaw)):
+        return abi.TDVMCALL_STATUS_INVALID_OPERAND
+    if gpa % PAGE_SIZE or size % PAGE_SIZE:
+        return abi.TDVMCALL_STATUS_ALIGN_ERROR
+    return None
+
+
+def map_gpa_exits(gpa: int, size: int, gpaw: int) -> list[MapGpaExit]:
+    """The exits userspace sees for an accepted MapGPA that it answers with 0 each time (and no
+    event is pending in between): pieces of TDX_MAP_GPA_MAX_LEN, shared bit stripped, DECRYPTED
+    for a conversion to shared."""
+    bit = shared_bit(gpaw)
+    attributes = KVM_MAP_GPA_RANGE_DECRYPTED if gpa & bit else KVM_MAP_GPA_RANGE_ENCRYPTED
+    return [MapGpaExit(at & ~bit, min(TDX_MAP_GPA_MAX_LEN, gpa + size - at) // PAGE_SIZE, attributes)
+            for at in range(gpa, gpa + size, TDX_MAP_GPA_MAX_LEN)]

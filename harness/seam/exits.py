@@ -1,12 +1,13 @@
 """TD exits: what TDH.VP.ENTER reports when the guest stops, scripted by the test.
 
 The software module runs no guest code. A test queues the exits the guest would cause (a
-TDVMCALL for port I/O, HLT, CPUID or a fatal error; an EPT violation on a GPA), and each
-TDH.VP.ENTER returns the next one in the registers the real module uses: RAX = TDX_SUCCESS with
-the VMX exit reason, RCX = exit qualification (for a TDVMCALL, the exposed-register bitmap),
-RDX = extended exit qualification, R8 = GPA, R9 = interruption info, R10-R15 = the TDVMCALL's
-registers. With nothing queued, the guest "reports a fatal error" (TDVMCALL<ReportFatalError>):
-KVM hands that to userspace, so KVM_RUN always returns.
+TDVMCALL for port I/O, HLT, CPUID, MMIO, MSRs, MapGPA, a quote or a fatal error; an EPT
+violation on a GPA), and each TDH.VP.ENTER returns the next one in the registers the real
+module uses: RAX = TDX_SUCCESS with the VMX exit reason, RCX = exit qualification (for a
+TDVMCALL, the exposed-register bitmap), RDX = extended exit qualification, R8 = GPA, R9 =
+interruption info, R10-R15 = the TDVMCALL's registers. With nothing queued, the guest "reports
+a fatal error" (TDVMCALL<ReportFatalError>): KVM hands that to userspace, so KVM_RUN always
+returns.
 """
 
 from __future__ import annotations
@@ -60,6 +61,44 @@ def fatal_error(code: int, description: str = "") -> TdExit:
     """TDVMCALL<ReportFatalError>: R12 = error code; KVM exits to userspace (SYSTEM_EVENT)."""
     return tdvmcall(abi.Tdvmcall.REPORT_FATAL_ERROR, description or f"TDVMCALL<ReportFatalError> {code:#x}",
                     r12=code)
+
+
+def map_gpa(gpa: int, size: int) -> TdExit:
+    """TDVMCALL<MapGPA>: R12 = start GPA (the shared bit says which way), R13 = size."""
+    return tdvmcall(abi.Tdvmcall.MAP_GPA, f"TDVMCALL<MapGPA> {gpa:#x}+{size:#x}", r12=gpa, r13=size)
+
+
+def mmio(gpa: int, size: int, write: bool, value: int = 0) -> TdExit:
+    """TDVMCALL<#VE.RequestMMIO>: R12 = size, R13 = direction (1 = write), R14 = GPA, R15 = value."""
+    verb = f"write {value:#x} to" if write else "read from"
+    return tdvmcall(abi.Tdvmcall.MMIO, f"TDVMCALL<MMIO> {verb} {gpa:#x} ({size} bytes)",
+                    r12=size, r13=int(write), r14=gpa, r15=value if write else 0)
+
+
+def rdmsr(msr: int) -> TdExit:
+    """TDVMCALL<Instruction.RDMSR>: R12 = MSR index; KVM answers in R11."""
+    return tdvmcall(abi.Tdvmcall.MSR_READ, f"TDVMCALL<RDMSR> {msr:#x}", r12=msr)
+
+
+def wrmsr(msr: int, value: int) -> TdExit:
+    """TDVMCALL<Instruction.WRMSR>: R12 = MSR index, R13 = value."""
+    return tdvmcall(abi.Tdvmcall.MSR_WRITE, f"TDVMCALL<WRMSR> {value:#x} to {msr:#x}", r12=msr, r13=value)
+
+
+def get_td_vm_call_info(leaf: int) -> TdExit:
+    """TDVMCALL<GetTdVmCallInfo>: R12 = leaf; the answer comes back in R11-R14."""
+    return tdvmcall(abi.Tdvmcall.GET_TD_VM_CALL_INFO, f"TDVMCALL<GetTdVmCallInfo> leaf {leaf}", r12=leaf)
+
+
+def get_quote(gpa: int, size: int) -> TdExit:
+    """TDVMCALL<GetQuote>: R12 = the (shared) buffer's GPA, R13 = its size."""
+    return tdvmcall(abi.Tdvmcall.GET_QUOTE, f"TDVMCALL<GetQuote> buffer {gpa:#x}+{size:#x}", r12=gpa, r13=size)
+
+
+def setup_event_notify_interrupt(vector: int) -> TdExit:
+    """TDVMCALL<SetupEventNotifyInterrupt>: R12 = the vector the VMM is to notify with."""
+    return tdvmcall(abi.Tdvmcall.SETUP_EVENT_NOTIFY_INTERRUPT, f"TDVMCALL<SetupEventNotifyInterrupt> "
+                    f"vector {vector:#x}", r12=vector)
 
 
 def ept_violation(gpa: int, pending: bool = False) -> TdExit:

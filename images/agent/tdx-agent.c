@@ -13,13 +13,16 @@
  *   create_vm[:type=5]          KVM_CREATE_VM
  *   x2apic_api                  KVM_ENABLE_CAP(KVM_CAP_X2APIC_API, 32-bit ids + no broadcast quirk)
  *   split_irqchip               KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24 pins)
+ *   exit_hypercall[:mask=M]     KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, M; default the
+ *                               KVM_HC_MAP_GPA_RANGE bit): MapGPA exits to userspace
  *   capabilities[:nent=N]       KVM_TDX_CAPABILITIES (N entries offered; default 256)
  *   init_vm[:attributes=A][:xfam=X][:gpaw=48][:extra_leaf=L]
  *                               KVM_TDX_INIT_VM with the CPUID entries CAPABILITIES returned
  *                               (GPAW put in 0x80000008.EAX[23:16]; extra_leaf adds a leaf no
  *                               CPUID_CONFIG slot holds)
  *   create_vcpu[:id=0]          KVM_CREATE_VCPU
- *   set_cpuid                   KVM_SET_CPUID2 with KVM_GET_SUPPORTED_CPUID (x2APIC included)
+ *   set_cpuid[:maxpa=N]         KVM_SET_CPUID2 with KVM_GET_SUPPORTED_CPUID (x2APIC included);
+ *                               maxpa puts N in 0x80000008.EAX[7:0], as a VMM's phys-bits does
  *   init_vcpu[:rcx=R]           KVM_TDX_INIT_VCPU
  *   memory[:gpa=G][:size=S][:private=1]
  *                               KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2 and
@@ -27,11 +30,16 @@
  *   init_mem_region[:gpa=G][:pages=N][:measure=1][:seed=S][:source=1]
  *                               KVM_TDX_INIT_MEM_REGION from a buffer filled by fill_pages()
  *   finalize                    KVM_TDX_FINALIZE_VM
- *   run[:timeout_ms=T][:in=V]   KVM_RUN once; prints the exit (exit_reason, and for port I/O
- *                               port/size/direction/count/data, for a system event type/data,
- *                               for a failed entry its reason). KVM keeps a halted vCPU in
- *                               KVM_RUN: an alarm every T ms (default 2000) ends it with EINTR.
- *                               After an "in" port exit the guest is handed V on the next run.
+ *   run[:timeout_ms=T][:in=V][:ret=R][:r11=..:r14=..]
+ *                               KVM_RUN once; prints the exit (exit_reason, and for port I/O
+ *                               port/size/direction/count/data, for MMIO phys_addr/len/is_write/
+ *                               data, for a hypercall nr/args/flags, for KVM_EXIT_TDX nr and its
+ *                               operands, for a system event type/data, for a failed entry its
+ *                               reason). KVM keeps a halted vCPU in KVM_RUN: an alarm every T ms
+ *                               (default 2000) ends it with EINTR. The answer for the next run:
+ *                               V for an "in" port or MMIO read, R as the hypercall's or the
+ *                               TDVMCALL's return code (KVM's default stays when R is not given),
+ *                               r11-r14 for GetTdVmCallInfo leaf 1.
  *   pause[:timeout_ms=T]        let the host act while the TD exists: create PAUSED_FILE, wait
  *                               (up to T ms, default 600000) until RESUME_FILE exists, remove
  *                               both; ret -1 with ETIMEDOUT if it never came
@@ -82,6 +90,25 @@ struct kvm_userspace_memory_region2 {
 };
 #define KVM_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
 #endif
+#ifndef KVM_EXIT_TDX
+#define KVM_EXIT_TDX 40
+#endif
+#define KVM_HC_MAP_GPA_RANGE 12 /* include/uapi/linux/kvm_para.h */
+/* The KVM_EXIT_TDX member of struct kvm_run's exit union (7.3), which 6.1's header lacks. */
+struct tdx_exit {
+	__u64 flags;
+	__u64 nr;
+	union {
+		struct { __u64 ret; __u64 data[5]; } unknown;
+		struct { __u64 ret; __u64 gpa; __u64 size; } get_quote;
+		struct { __u64 ret; __u64 leaf; __u64 r11, r12, r13, r14; } get_tdvmcall_info;
+		struct { __u64 ret; __u64 vector; } setup_event_notify;
+	};
+};
+#define TDVMCALL_GET_TD_VM_CALL_INFO 0x10000
+#define TDVMCALL_GET_QUOTE 0x10002
+#define TDVMCALL_SETUP_EVENT_NOTIFY_INTERRUPT 0x10004
+
 #ifndef KVM_MEMORY_ATTRIBUTE_PRIVATE
 #define KVM_MEMORY_ATTRIBUTE_PRIVATE (1ULL << 3)
 struct kvm_memory_attributes {
@@ -171,12 +198,26 @@ static struct {
 	size_t run_size;
 } agent = { .kvm = -1, .vm = -1, .vcpu = -1, .gmem = -1 };
 
-static uint64_t arg_or(const struct step *s, const char *key, uint64_t fallback)
+static const struct arg *find_arg(const struct step *s, const char *key)
 {
 	for (int i = 0; i < s->nargs; i++)
 		if (!strcmp(s->args[i].key, key))
-			return s->args[i].value;
-	return fallback;
+			return &s->args[i];
+	return NULL;
+}
+
+static uint64_t arg_or(const struct step *s, const char *key, uint64_t fallback)
+{
+	const struct arg *a = find_arg(s, key);
+	return a ? a->value : fallback;
+}
+
+/* Sets *out to the step's value for key, if it has one. */
+static void arg_into(const struct step *s, const char *key, __u64 *out)
+{
+	const struct arg *a = find_arg(s, key);
+	if (a)
+		*out = a->value;
 }
 
 /* The JSON line of a step: the common fields, then the step's own (", \"k\": v" pieces). */
@@ -298,6 +339,12 @@ static void step_split_irqchip(const struct step *s)
 	enable_cap(s, "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)", KVM_CAP_SPLIT_IRQCHIP, 24);
 }
 
+static void step_exit_hypercall(const struct step *s)
+{
+	enable_cap(s, "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", KVM_CAP_EXIT_HYPERCALL,
+		   arg_or(s, "mask", 1ULL << KVM_HC_MAP_GPA_RANGE));
+}
+
 /* The buffer of a struct ending in a struct kvm_cpuid2 of n entries, zeroed. */
 static void *with_cpuid(size_t head, unsigned n, struct kvm_cpuid2 **cpuid)
 {
@@ -414,6 +461,10 @@ static void step_set_cpuid(const struct step *s)
 	int err;
 	void *buf = with_cpuid(0, MAX_ENTRIES, &cpuid);
 	long ret = checked_ioctl(open_kvm(), KVM_GET_SUPPORTED_CPUID, cpuid, &err);
+	const struct arg *maxpa = find_arg(s, "maxpa");
+	for (unsigned i = 0; ret == 0 && maxpa && i < cpuid->nent; i++)
+		if (cpuid->entries[i].function == 0x80000008)
+			cpuid->entries[i].eax = (cpuid->entries[i].eax & ~0xffu) | (__u32)(maxpa->value & 0xff);
 	if (ret == 0)
 		ret = checked_ioctl(agent.vcpu, KVM_SET_CPUID2, cpuid, &err);
 	report(s, "KVM_SET_CPUID2", ret, err, 0, ", \"nent\": %u", cpuid->nent);
@@ -562,6 +613,52 @@ static uint64_t io_value(const struct kvm_run *run)
 	return value;
 }
 
+/* 7.3's hypercall.flags is 6.1's longmode and pad: one u64 at the same offset. */
+static unsigned long long hypercall_flags(const struct kvm_run *run)
+{
+	unsigned long long flags;
+	memcpy(&flags, &run->hypercall.longmode, sizeof(flags));
+	return flags;
+}
+
+static uint64_t mmio_value(const struct kvm_run *run)
+{
+	uint64_t value = 0;
+	memcpy(&value, run->mmio.data, run->mmio.len <= 8 ? run->mmio.len : 8);
+	return value;
+}
+
+/* KVM_EXIT_TDX: the TDVMCALL and its operands; the answer (ret, r11-r14) for the next run. */
+static void report_tdx_exit(const struct step *s, long ret, int err, struct kvm_run *run)
+{
+	struct tdx_exit *tdx = (struct tdx_exit *)&run->hypercall; /* the exit union's start */
+	switch (tdx->nr) {
+	case TDVMCALL_GET_QUOTE:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"nr\": %llu, \"gpa\": %llu, "
+		       "\"size\": %llu, \"default_ret\": %llu", run->exit_reason, tdx->nr, tdx->get_quote.gpa,
+		       tdx->get_quote.size, tdx->get_quote.ret);
+		break;
+	case TDVMCALL_SETUP_EVENT_NOTIFY_INTERRUPT:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"nr\": %llu, \"vector\": %llu, "
+		       "\"default_ret\": %llu", run->exit_reason, tdx->nr, tdx->setup_event_notify.vector,
+		       tdx->setup_event_notify.ret);
+		break;
+	case TDVMCALL_GET_TD_VM_CALL_INFO:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"nr\": %llu, \"leaf\": %llu, "
+		       "\"default_ret\": %llu", run->exit_reason, tdx->nr, tdx->get_tdvmcall_info.leaf,
+		       tdx->get_tdvmcall_info.ret);
+		arg_into(s, "r11", &tdx->get_tdvmcall_info.r11);
+		arg_into(s, "r12", &tdx->get_tdvmcall_info.r12);
+		arg_into(s, "r13", &tdx->get_tdvmcall_info.r13);
+		arg_into(s, "r14", &tdx->get_tdvmcall_info.r14);
+		break;
+	default:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"nr\": %llu, \"default_ret\": %llu",
+		       run->exit_reason, tdx->nr, tdx->unknown.ret);
+	}
+	arg_into(s, "ret", &tdx->unknown.ret); /* ret comes first in every member */
+}
+
 static void step_run(const struct step *s)
 {
 	int err = 0;
@@ -581,6 +678,24 @@ static void step_run(const struct step *s)
 			uint64_t value = arg_or(s, "in", 0);
 			memcpy((uint8_t *)run + run->io.data_offset, &value, run->io.size <= 8 ? run->io.size : 8);
 		}
+		break;
+	case KVM_EXIT_MMIO:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"phys_addr\": %llu, \"len\": %u, "
+		       "\"is_write\": %u, \"data\": %" PRIu64, run->exit_reason, run->mmio.phys_addr, run->mmio.len,
+		       run->mmio.is_write, run->mmio.is_write ? mmio_value(run) : 0);
+		if (!run->mmio.is_write) {
+			uint64_t value = arg_or(s, "in", 0);
+			memcpy(run->mmio.data, &value, run->mmio.len <= 8 ? run->mmio.len : 8);
+		}
+		break;
+	case KVM_EXIT_HYPERCALL:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"nr\": %llu, \"args\": [%llu, %llu, "
+		       "%llu], \"flags\": %llu", run->exit_reason, run->hypercall.nr, run->hypercall.args[0],
+		       run->hypercall.args[1], run->hypercall.args[2], hypercall_flags(run));
+		arg_into(s, "ret", &run->hypercall.ret);
+		break;
+	case KVM_EXIT_TDX:
+		report_tdx_exit(s, ret, err, run);
 		break;
 	case KVM_EXIT_SYSTEM_EVENT: {
 		char data[16 * 24] = "";
@@ -650,6 +765,7 @@ static const struct {
 	{ "create_vm", step_create_vm },
 	{ "x2apic_api", step_x2apic_api },
 	{ "split_irqchip", step_split_irqchip },
+	{ "exit_hypercall", step_exit_hypercall },
 	{ "capabilities", step_capabilities },
 	{ "init_vm", step_init_vm },
 	{ "create_vcpu", step_create_vcpu },

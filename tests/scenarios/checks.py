@@ -15,7 +15,7 @@ from harness.machine.qemu import QemuMachine
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
-from harness.observe.kvm import LOAD_KVM_INTEL
+from harness.observe.kvm import LOAD_KVM_INTEL, TO_MEMORY
 from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
 from harness.seam.abi import Leaf, SeamldrLeaf
@@ -114,6 +114,18 @@ def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
                     "no TD to run")
     assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
     return machine
+
+
+# A TD ready to run: built, one measured page range added, finalized.
+FINALIZED = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize"]
+
+
+def records_since(machine: Machine, start: int) -> list[TraceRecord]:
+    return machine.module.trace.records[start:]
+
+
+def vp_entries(records: list[TraceRecord]) -> list[TraceRecord]:
+    return [r for r in records if r.number == Leaf.TDH_VP_ENTER]
 
 
 def assert_no_td_left(machine: Machine) -> None:

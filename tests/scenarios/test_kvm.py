@@ -13,9 +13,8 @@ import errno
 import hashlib
 
 import pytest
-from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
+from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
 
-from harness.machine.base import Machine
 from harness.observe import patterns
 from harness.observe.kvm import (
     KVM_EXIT_INTR,
@@ -46,10 +45,6 @@ TIMEOUT = KVM_TIMEOUT
 KVM_X86_TDX_VM = 5
 PAGE = 4096
 MR_EXTEND_CHUNK = 256
-
-
-def records_since(machine: Machine, start: int) -> list[TraceRecord]:
-    return machine.module.trace.records[start:]
 
 
 # --- the spec's MRTD, computed independently of harness/seam/measure.py --------------------------
@@ -214,13 +209,6 @@ def test_kvm_sept_contention_is_retried(vmx_boot, leaf):
 
 
 # --- KVM_RUN: TDH.VP.ENTER answered with scripted exits ---------------------------------------------
-
-FINALIZED = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize"]
-
-
-def vp_entries(records: list[TraceRecord]) -> list[TraceRecord]:
-    return [r for r in records if r.number == Leaf.TDH_VP_ENTER]
-
 
 def vendor_registers(vendor: str) -> tuple[int, int, int]:
     """CPUID leaf 0's EBX, ECX, EDX for a vendor string ("GenuineIntel": "Genu", "ntel", "ineI")."""

@@ -16,16 +16,23 @@ from harness.observe.kvm import (
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_SYSTEM_EVENT,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_SUPPORTED_TD_ATTRS,
     KVM_SYSTEM_EVENT_TDX_FATAL,
     VCPU_REGS_R12,
     AgentError,
     CpuidEntry,
+    MapGpaExit,
+    map_gpa_exits,
+    map_gpa_refusal,
     offered_cpuid,
     run_agent,
+    shared_bit,
     supported_attrs,
     supported_xfam,
 )
+from harness.seam import abi
 from harness.seam.platform import CpuidConfig, PlatformConfig
 
 FLOW = Path(__file__).parent.parent / "data" / "tdx-agent-flow.jsonl"
@@ -100,3 +107,29 @@ def test_offered_cpuid_shows_gpaw_configurable_and_hides_tsx_and_waitpkg() -> No
     assert leaf7.ebx == 0xFFFFFFFF & ~((1 << 4) | (1 << 11)) and leaf7.ecx == 0xFFFFFFFF & ~(1 << 5)
     assert offered_cpuid(CpuidConfig(leaf=7, subleaf=1, ebx=0xFFFFFFFF)).ebx == 0xFFFFFFFF
     assert offered_cpuid(CpuidConfig(leaf=1)).index == 0  # "no subleaf" reads as index 0
+
+
+# --- TDVMCALL<MapGPA> (tdx.c tdx_map_gpa(), __tdx_map_gpa()) --------------------------------------
+
+SHARED_48 = 1 << 47
+
+
+@pytest.mark.parametrize("gpa, size, exit_enabled, status", [
+    (0x400000, 0x1000, False, abi.TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED),  # before the range checks
+    (0x400000, 0, True, abi.TDVMCALL_STATUS_INVALID_OPERAND),  # gpa + size <= gpa
+    (1 << 48, 0x1000, True, abi.TDVMCALL_STATUS_INVALID_OPERAND),  # beyond MAXPHYADDR
+    (SHARED_48 - 0x1000, 0x2000, True, abi.TDVMCALL_STATUS_INVALID_OPERAND),  # private into shared
+    (0x400800, 0x1000, True, abi.TDVMCALL_STATUS_ALIGN_ERROR),
+    (0x400000, 0x800, True, abi.TDVMCALL_STATUS_ALIGN_ERROR),
+    (SHARED_48 | 0x400000, 0x3000, True, None),
+    (0x400000, 0x3000, True, None),
+])
+def test_map_gpa_refusal_follows_tdx_map_gpa(gpa, size, exit_enabled, status):
+    assert map_gpa_refusal(gpa, size, gpaw=48, maxphyaddr=48, exit_enabled=exit_enabled) == status
+
+
+def test_map_gpa_goes_to_userspace_in_2m_pieces_without_the_shared_bit():
+    assert map_gpa_exits(SHARED_48 | 0x400000, 0x300000, gpaw=48) == [
+        MapGpaExit(0x400000, 512, KVM_MAP_GPA_RANGE_DECRYPTED), MapGpaExit(0x600000, 256, KVM_MAP_GPA_RANGE_DECRYPTED)]
+    assert map_gpa_exits(0x400000, 0x1000, gpaw=48) == [MapGpaExit(0x400000, 1, KVM_MAP_GPA_RANGE_ENCRYPTED)]
+    assert shared_bit(52) == 1 << 51
