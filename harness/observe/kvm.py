@@ -4,6 +4,7 @@ kernel source so that tests compare the agent's figures with a model, not with t
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,14 +34,23 @@ CPUID7_ECX_WAITPKG = 1 << 5
 # struct kvm_run exit reasons and fields (include/uapi/linux/kvm.h) the run step reports.
 KVM_EXIT_IO = 2
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
-KVM_EXIT_INTR = 10
 KVM_EXIT_HYPERCALL = 3
 KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17  # suberror KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON from TDX
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_TDX = 40
 KVM_SYSTEM_EVENT_TDX_FATAL = 7
 # tdx_report_fatal_error(): system_event.data[] holds the TD's registers by x86 number.
 VCPU_REGS_R11, VCPU_REGS_R12 = 11, 12
+# TDH.VP.ENTER statuses whose RAX[31:0] KVM takes as a VMX exit reason (tdx_is_exit_reason_valid(),
+# tdx_errno.h): TDX_SUCCESS, NON_RECOVERABLE_VCPU, _TD, _TD_NON_ACCESSIBLE, _TD_WRONG_APIC_MODE.
+# Linux's NON_RECOVERABLE_TD (0x4000000200000000) and WRONG_APIC_MODE (0x6000000700000000)
+# differ from the module's, so KVM drops the exit reason of those two.
+KVM_EXIT_REASON_VALID = frozenset({0, 0x4000000100000000, 0x4000000200000000, 0x6000000500000000,
+                                   0x6000000700000000})
 
 
 class Runner(Protocol):
@@ -105,6 +115,41 @@ def run_agent(machine: Runner, steps: Sequence[str], timeout: float, agent: str 
         raise AgentError(f"`{command}` exited {result.status} after {len(lines)} of {len(steps)} "
                          f"steps:\n{result.output[-2000:]}")
     return AgentRun(command, [AgentStep.parse(line) for line in lines])
+
+
+# --- KVM_RUN after TDH.VP.ENTER (tdx.c: tdx_vcpu_run(), __tdx_handle_exit()) ---------------------
+
+
+@dataclass(frozen=True)
+class VpEnterOutcome:
+    """What KVM 7.3 does with a TDH.VP.ENTER status before its per-exit-reason handlers:
+    ``kvm_exit`` is the kvm_run exit userspace sees (None: KVM re-enters or hands the VMX exit
+    reason to its handler), ``data`` the INTERNAL_ERROR data[0] or FAIL_ENTRY
+    hardware_entry_failure_reason, ``errno`` KVM_RUN's failure, ``vm_bugged`` a KVM_BUG_ON
+    (WARN, and every later ioctl on the VM fails with EIO)."""
+
+    kvm_exit: int | None
+    data: int = 0
+    errno: int = 0
+    vm_bugged: bool = False
+
+
+def vp_enter_outcome(status: int, virt_rebooting: bool = False) -> VpEnterOutcome:
+    """__tdx_handle_exit() in its order, with the exit reason tdx_to_vmx_exit_reason() makes of
+    ``status`` (none when tdx_is_exit_reason_valid() refuses the status)."""
+    reason = status & abi.DETAILS_MASK if status & abi.STATUS_MASK in KVM_EXIT_REASON_VALID else None
+    if status == abi.ExitReason.EPT_MISCONFIG:
+        return VpEnterOutcome(None, errno=errno.EIO, vm_bugged=True)
+    if status & abi.TDX_SW_ERROR == abi.TDX_SW_ERROR:  # the SEAMCALL itself failed (#UD, #GP, VMfailInvalid)
+        return VpEnterOutcome(KVM_EXIT_INTERNAL_ERROR, status, vm_bugged=not virt_rebooting)
+    if reason is not None and reason & abi.EXIT_REASON_FAILED_VMENTRY:
+        return VpEnterOutcome(KVM_EXIT_FAIL_ENTRY, reason)
+    if status & abi.STATUS_MASK == abi.Status.TDX_OPERAND_BUSY:  # tdx_exit_handlers_fastpath(): enter again
+        return VpEnterOutcome(None)
+    triple_fault = reason is not None and reason & abi.EXIT_REASON_BASIC_MASK == abi.ExitReason.TRIPLE_FAULT
+    if status & (abi.STATUS_ERROR | abi.STATUS_NON_RECOVERABLE) and not triple_fault:
+        return VpEnterOutcome(KVM_EXIT_INTERNAL_ERROR, status)  # kvm_prepare_unexpected_reason_exit()
+    return VpEnterOutcome(KVM_EXIT_SHUTDOWN if triple_fault else None)
 
 
 # --- KVM's capability rules (tdx.c: init_kvm_tdx_caps, td_init_cpuid_entry2) ---------------------

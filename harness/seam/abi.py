@@ -121,6 +121,10 @@ def leaf_name(fn: int) -> str:
 
 STATUS_MASK = 0xFFFFFFFF00000000
 DETAILS_MASK = 0x00000000FFFFFFFF
+# api_error_code_t's flag bits (tdx_api_defs.h): error, non-recoverable, the TD is marked fatal.
+STATUS_ERROR = 1 << 63
+STATUS_NON_RECOVERABLE = 1 << 62
+STATUS_FATAL = 1 << 61
 
 
 class Status(enum.IntEnum):
@@ -128,6 +132,8 @@ class Status(enum.IntEnum):
     TDX_NON_RECOVERABLE_VCPU = 0x4000000100000000
     TDX_NON_RECOVERABLE_TD = 0x6000000200000000
     TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE = 0x6000000500000000
+    TDX_NON_RECOVERABLE_TD_WRONG_APIC_MODE = 0xE000000700000000
+    TDX_NON_RECOVERABLE_TD_CORRUPTED_MD = 0x6000000A00000000
     TDX_INTERRUPTED_RESUMABLE = 0x8000000300000000
     TDX_INTERRUPTED_RESTARTABLE = 0x8000000400000000
     TDX_OPERAND_INVALID = 0xC000010000000000
@@ -569,14 +575,28 @@ class ExitReason(enum.IntEnum):
     EXCEPTION_NMI = 0
     EXTERNAL_INTERRUPT = 1
     TRIPLE_FAULT = 2
+    OTHER_SMI = 6
     CPUID = 10
     HLT = 12
     IO_INSTRUCTION = 30
     MSR_READ = 31
     MSR_WRITE = 32
+    INVALID_STATE = 33  # VM-entry failure: invalid guest state
+    MCE_DURING_VMENTRY = 41  # VM-entry failure: machine-check event
     EPT_VIOLATION = 48
     EPT_MISCONFIG = 49
+    NOTIFY = 75
     TDCALL = 77
+
+
+EXIT_REASON_BASIC_MASK = 0xFFFF
+EXIT_REASON_FAILED_VMENTRY = 1 << 31  # exit reason bit 31 (the module's vmenter_fail)
+# VM-exit interruption information (RCX/R9 of an exception exit): vector, type, valid.
+INTR_INFO_VALID = 1 << 31
+INTR_TYPE_HARD_EXCEPTION = 3 << 8
+MC_VECTOR = 18
+EXIT_QUAL_SMI_MSMI = 1 << 0  # Other SMI: the SMI was a machine-check SMI
+EXIT_QUAL_NOTIFY_VM_CONTEXT_INVALID = 1 << 0  # Notify: the VM context is corrupted
 
 
 class Tdvmcall(enum.IntEnum):

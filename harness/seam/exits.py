@@ -8,6 +8,12 @@ TDVMCALL, the exposed-register bitmap), RDX = extended exit qualification, R8 = 
 interruption info, R10-R15 = the TDVMCALL's registers. With nothing queued, the guest "reports
 a fatal error" (TDVMCALL<ReportFatalError>): KVM hands that to userspace, so KVM_RUN always
 returns.
+
+The non-recoverable exits are the module's asynchronous TD exits (async_tdexit_to_vmm(),
+src/td_transitions/td_exit.c) with a case other than TDX_SUCCESS: RAX = the case with the exit
+reason in bits 31:0, RCX = exit qualification, RDX = extended exit qualification, R8 = GPA, R9 =
+interruption info, every other register 0. TDX_NON_RECOVERABLE_VCPU disables the vCPU; the
+TDX_NON_RECOVERABLE_TD* cases mark the TD fatal (td.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class TdExit:
     regs: dict[str, int]
     description: str
     intr_pending: bool = False
+    case: abi.Status = abi.Status.TDX_SUCCESS  # async_tdexit_to_vmm()'s tdexit_case
+    entry_failed: bool = False  # a VM-entry failure: exit reason bit 31
+    debug_recovers: bool = False  # a debug TD gets TDX_SUCCESS instead of ``case`` (attributes.debug)
 
 
 def tdvmcall(leaf: int, description: str, **regs: int) -> TdExit:
@@ -107,6 +116,68 @@ def ept_violation(gpa: int, pending: bool = False) -> TdExit:
     eeq = abi.EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION if pending else 0
     return TdExit(abi.ExitReason.EPT_VIOLATION, {"rcx": abi.EPT_VIOLATION_ACC_WRITE, "rdx": eeq, "r8": gpa},
                   f"EPT violation at {gpa:#x}{' (page pending acceptance)' if pending else ''}")
+
+
+def _async(case: abi.Status, reason: abi.ExitReason, description: str, qualification: int = 0,
+           intr_info: int = 0, entry_failed: bool = False, debug_recovers: bool = False) -> TdExit:
+    """An asynchronous TD exit the module ends with ``case`` (RDX and R8 are 0 for all of these).
+    RCX and R9 are what the CPU left in the VMCS, which the module passes on unread: the SDM's
+    values for each cause, 0 where it defines no detail."""
+    return TdExit(reason, {"rcx": qualification, "r9": intr_info}, description, case=case,
+                  entry_failed=entry_failed, debug_recovers=debug_recovers)
+
+
+def triple_fault() -> TdExit:
+    """The guest triple-faults (tdx_td_dispatcher.c, also helpers.c on a #PF over a pending #DF):
+    TDX_NON_RECOVERABLE_VCPU, the vCPU is disabled and the TD lives on."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_VCPU, abi.ExitReason.TRIPLE_FAULT, "triple fault")
+
+
+def machine_check() -> TdExit:
+    """A #MC while the guest runs (td_exception_or_nmi_exit(), td_other_exits.c): the TD is
+    fatal and its memory not to be touched; R9 = the #MC's interruption info."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE, abi.ExitReason.EXCEPTION_NMI,
+                  "#MC in the TD", intr_info=abi.INTR_INFO_VALID | abi.INTR_TYPE_HARD_EXCEPTION | abi.MC_VECTOR)
+
+
+def vmentry_machine_check() -> TdExit:
+    """VM entry fails on a machine check (handle_vm_entry_failures(), tdx_td_dispatcher.c)."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE, abi.ExitReason.MCE_DURING_VMENTRY,
+                  "VM entry failed: machine check", entry_failed=True)
+
+
+def msmi() -> TdExit:
+    """An SMI that signals a machine check (Other SMI with the MSMI qualification bit)."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE, abi.ExitReason.OTHER_SMI,
+                  "machine-check SMI in the TD", qualification=abi.EXIT_QUAL_SMI_MSMI)
+
+
+def invalid_guest_state() -> TdExit:
+    """VM entry fails its guest-state checks (handle_vm_entry_failures()): fatal unless the TD is
+    a debug TD, whose state the host may have written."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD, abi.ExitReason.INVALID_STATE,
+                  "VM entry failed: invalid guest state", entry_failed=True, debug_recovers=True)
+
+
+def notify_context_invalid() -> TdExit:
+    """A notify VM exit whose qualification says the VM context is invalid (tdx_td_dispatcher.c)."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD, abi.ExitReason.NOTIFY, "notify exit, VM context invalid",
+                  qualification=abi.EXIT_QUAL_NOTIFY_VM_CONTEXT_INVALID)
+
+
+def wrong_apic_mode(vector: int) -> TdExit:
+    """An external interrupt right after entry (the single-step filter, td_exit_stepping.c) on an
+    LP whose local APIC is disabled: the module cannot step the guest safely and kills the TD."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD_WRONG_APIC_MODE, abi.ExitReason.EXTERNAL_INTERRUPT,
+                  f"external interrupt {vector:#x} with the LP's local APIC disabled",
+                  intr_info=abi.INTR_INFO_VALID | vector)
+
+
+def corrupted_metadata() -> TdExit:
+    """TDG.MR.REPORT finds the TD's metadata corrupted (tdg_mr_report.c): an exit with no reason
+    (async_tdexit_empty_reason(): reason, qualification and interruption info 0)."""
+    return _async(abi.Status.TDX_NON_RECOVERABLE_TD_CORRUPTED_MD, abi.ExitReason.EXCEPTION_NMI,
+                  "TD metadata corrupted (TDG.MR.REPORT)")
 
 
 @dataclass

@@ -74,6 +74,7 @@ class KeyState(enum.Enum):
 class VcpuState(enum.Enum):
     UNINITIALIZED = "uninitialized"
     READY = "ready"
+    DISABLED = "disabled"  # after TDX_NON_RECOVERABLE_VCPU: never entered again
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Td:
     tdr: int
     hkid: int
     lifecycle: Lifecycle = Lifecycle.HKID_ASSIGNED
+    fatal: bool = False  # TDR.FATAL, set by a TDX_NON_RECOVERABLE_TD* exit
     keyed_packages: set[int] = field(default_factory=set)
     tdcx: list[int] = field(default_factory=list)
     op_state: OpState = OpState.UNINITIALIZED

@@ -6,6 +6,10 @@ Life of a TD, as the module tracks it:
   KEYS_CONFIGURED -TDH.MNG.VPFLUSHDONE-> BLOCKED -TDH.MNG.KEY.FREEID-> TEARDOWN, after which
   TDH.PHYMEM.PAGE.RECLAIM gives the pages back (the TDR last).
 - TDCS operation state: UNINITIALIZED -TDH.MNG.INIT-> INITIALIZED -TDH.MR.FINALIZE-> RUNNABLE.
+- TDR.FATAL: set by a TDH.VP.ENTER that ends in a TDX_NON_RECOVERABLE_TD* exit; from then on
+  every leaf that checks the TD's build state is TDX_TD_FATAL, while the teardown leaves
+  (VP.FLUSH, MNG.VPFLUSHDONE, PHYMEM.CACHE.WB, MNG.KEY.FREEID, PHYMEM.PAGE.RECLAIM/WBINVD), which
+  do not look at it, still work.
 - KeyID (KOT entry): free -> ASSIGNED (TDH.MNG.CREATE) -> FLUSHED (TDH.MNG.VPFLUSHDONE) ->
   free (TDH.MNG.KEY.FREEID, once TDH.PHYMEM.CACHE.WB ran on every package).
 Every page the module takes gets its PAMT type and owner (``ModuleState.assign_page``), so
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from harness.seam import abi, td_params
 from harness.seam.abi import Leaf, OperandId, PageType, SeptState, Status
 from harness.seam.call import Call
+from harness.seam.exits import TdExit
 from harness.seam.measure import MR_EXTEND_CHUNK, MrtdBuilder
 from harness.seam.memory import MemoryAccessError
 from harness.seam.platform import CpuidValue
@@ -135,7 +140,10 @@ def _built_vcpu(seam: Seam, call: Call, reg: str, operand: OperandId,
 
 
 def _build_state(seam: Seam, td: Td, leaf: Leaf) -> int:
-    """check_state_map_tdcs_and_lock(): keys configured, TDCS complete, OP_STATE allows ``leaf``."""
+    """check_state_map_tdcs_and_lock(): not fatal, keys configured, TDCS complete, OP_STATE
+    allows ``leaf``."""
+    if td.fatal:
+        return _td_fatal()
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
     if len(td.tdcx) < seam.platform.tdcs_pages:
@@ -143,6 +151,11 @@ def _build_state(seam: Seam, td: Td, leaf: Leaf) -> int:
     if td.op_state not in _OP_STATES[leaf]:
         return Status.TDX_OP_STATE_INCORRECT
     return 0
+
+
+def _td_fatal() -> int:
+    """api_error_fatal(TDX_TD_FATAL) (helpers.c): the status already has the fatal bit."""
+    return Status.TDX_TD_FATAL | abi.STATUS_FATAL
 
 
 def _take_page(seam: Seam, td: Td, pa: int, page_type: PageType) -> None:
@@ -224,6 +237,8 @@ def mng_key_config(seam: Seam, call: Call) -> int:
     status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
+    if td.fatal:  # tdh_mng_key_config.c checks it first
+        return _td_fatal()
     if td.lifecycle is not Lifecycle.HKID_ASSIGNED:
         return Status.TDX_LIFECYCLE_STATE_INCORRECT
     assert call.package is not None
@@ -239,6 +254,8 @@ def mng_addcx(seam: Seam, call: Call) -> int:
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
+    if td.fatal:  # tdh_mng_add_cx.c checks it before the lifecycle
+        return _td_fatal()
     if td.lifecycle is not Lifecycle.KEYS_CONFIGURED:
         return Status.TDX_TD_KEYS_NOT_CONFIGURED
     # tdh_mng_add_cx.c: up to MAX_NUM_TDCS_PAGES; a page past the minimum (room for L2 VMs) is
@@ -401,6 +418,9 @@ def _vp_rd_wr(seam: Seam, call: Call, write: bool) -> int:
         return status
     if len(vcpu.tdcx) < tdcx_needed(seam, td):
         return Status.TDX_TDCX_NUM_INCORRECT
+    # check_and_associate_vcpu(): an initialized vCPU; VP.RD also reads a disabled one.
+    if vcpu.state is not VcpuState.READY and (write or vcpu.state is not VcpuState.DISABLED):
+        return Status.TDX_VCPU_STATE_INCORRECT
     status = _associate(td, vcpu, call.request.cpu)
     if status:
         return status
@@ -423,7 +443,8 @@ def _vp_rd_wr(seam: Seam, call: Call, write: bool) -> int:
 def vp_enter(seam: Seam, call: Call) -> int:
     """TDH.VP.ENTER: the checks of the real leaf, then the next scripted exit instead of running
     guest code. Every register comes back (KVM reads the TDVMCALL's from R10-R15): the ones the
-    exit does not set are cleared, as the module clears what it does not expose."""
+    exit does not set are cleared, as the module clears what it does not expose. A
+    non-recoverable exit disables the vCPU or marks the TD fatal (_end_exit)."""
     status, vcpu, td = _built_vcpu(seam, call, "rcx", OperandId.RCX, Leaf.TDH_VP_ENTER)
     if vcpu is None or td is None:
         return status
@@ -440,7 +461,28 @@ def vp_enter(seam: Seam, call: Call) -> int:
     vcpu.fields[_STATE_DETAILS] = details | (abi.VCPU_STATE_DETAILS_INTR_PENDING if exit_.intr_pending else 0)
     vcpu.last_exit = exit_.reason
     call.note = f"{answered}exit: {exit_.description}"
-    return Status.TDX_SUCCESS | exit_.reason
+    reason = exit_.reason | (abi.EXIT_REASON_FAILED_VMENTRY if exit_.entry_failed else 0)
+    return _end_exit(td, vcpu, exit_) | reason
+
+
+def _end_exit(td: Td, vcpu: Vcpu, exit_: TdExit) -> int:
+    """async_tdexit_internal() (td_exit.c): the exit's case decides what becomes of the vCPU and
+    the TD, and is RAX[63:32]. A vCPU inside the TD when another LP marks it fatal would exit
+    with TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE at its next VM exit (tdx_td_dispatcher.c); the
+    model runs no vCPU between calls, so that exit happens only when scripted."""
+    assert td.params is not None
+    case = exit_.case
+    if exit_.debug_recovers and td.params.attributes & abi.TD_ATTR_DEBUG:
+        case = Status.TDX_SUCCESS
+    if case is Status.TDX_NON_RECOVERABLE_VCPU:
+        vcpu.state = VcpuState.DISABLED
+        return case
+    if case is not Status.TDX_SUCCESS:
+        # Every other case is a TDX_NON_RECOVERABLE_TD*: the TDR is marked fatal. The real TDVPS
+        # stays VCPU_ACTIVE, which no leaf sees: those that check it check TD_FATAL first.
+        td.fatal = True
+        return case | abi.STATUS_FATAL
+    return case
 
 
 def _tdvmcall_answer(vcpu: Vcpu, call: Call) -> str:
