@@ -22,9 +22,8 @@ from harness.seam.tdmr import TdmrChecker, TdmrInfo, tdmr_info_size
 
 
 def sys_init(seam: Seam, call: Call) -> int:
-    """tdh_sys_init.c: RCX, RDX, R8-R10 zeroed; the attributes in RCX (all reserved in 1.5)
-    checked before the state."""
-    call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0)
+    """tdh_sys_init.c: RCX, RDX, R8-R10 zeroed (locks.LEAVES); the attributes in RCX (all
+    reserved in 1.5) checked before the state."""
     if call.reg("rcx"):
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     if seam.state.sys not in (SysState.SYSINIT_PENDING, SysState.SYS_SHUTDOWN):
@@ -43,9 +42,8 @@ def sys_init(seam: Seam, call: Call) -> int:
 
 
 def sys_lp_init(seam: Seam, call: Call) -> int:
-    """tdh_sys_lp_init.c: RCX, RDX, R8 zeroed; the state, this LP not done yet, then this LP
-    against the SYS.INIT LP (lp_checks.py)."""
-    call.outputs.update(rcx=0, rdx=0, r8=0)
+    """tdh_sys_lp_init.c: RCX, RDX, R8 zeroed (locks.LEAVES); the state, this LP not done yet,
+    then this LP against the SYS.INIT LP (lp_checks.py)."""
     state = seam.state
     if state.sys is not SysState.SYSINIT_DONE:
         return Status.TDX_SYS_LP_INIT_NOT_PENDING
@@ -127,10 +125,9 @@ def sys_key_config(seam: Seam, call: Call) -> int:
 
 
 def sys_tdmr_init(seam: Seam, call: Call) -> int:
-    """tdh_sys_tdmr_init.c: RDX zeroed on entry; a 1 GiB-aligned TDMR base without KeyID
-    bits; TDMR_4K_PAMT_INIT_COUNT entries (4 MiB) a call; RDX = the next address to
-    initialize rounded down to 1 GiB, so most calls return the same RDX."""
-    call.outputs["rdx"] = 0
+    """tdh_sys_tdmr_init.c: RDX zeroed on entry (locks.LEAVES); a 1 GiB-aligned TDMR base
+    without KeyID bits; TDMR_4K_PAMT_INIT_COUNT entries (4 MiB) a call; RDX = the next address
+    to initialize rounded down to 1 GiB, so most calls return the same RDX."""
     base = call.reg("rcx")
     if base % abi.SZ_1G or base >= seam.platform.max_pa:
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)
@@ -157,8 +154,8 @@ def sys_shutdown(seam: Seam, call: Call) -> int:
     """tdh_sys_shutdown.c (1.5.01 and the 2.0 snapshot): the handoff version in RCX, the whole
     register, within [MIN_UPDATE_HV, MODULE_HV] of the running module and equal to MODULE_HV
     under NO_DOWNGRADE, checked before the global lock; then SYS_SHUTDOWN and the handoff data
-    written. Its busy-LP check (TDX_SYS_BUSY while another LP is in SEAM) cannot fire here: the
-    transport carries one call at a time, so that status comes only from a fault plan. (Later
+    written. The global lock and its busy-LP check (TDX_SYS_BUSY while another LP is in SEAM)
+    are the contention model's (locks.py); there they come before the RCX check. (Later
     sources take bits 15:0 as the version, bit 16 as AVOID_COMPAT_SENSITIVE and the rest as
     reserved; Linux 7.3 passes MODULE_HV, which both readings accept.)"""
     running, hv = seam.loader.running, call.reg("rcx")
@@ -189,10 +186,9 @@ def sys_update(seam: Seam, call: Call) -> int:
 
 
 def phymem_page_rdmd(seam: Seam, call: Call) -> int:
-    """tdh_phymem_page_rdmd.c: RCX, RDX, R8-R11 zeroed on entry; the PA page-aligned,
-    below MAXPA and without KeyID bits; inside an initialized 1 GiB block of a TDMR; R9 the
-    blocking epoch for PT_REG and PT_EPT pages."""
-    call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0)
+    """tdh_phymem_page_rdmd.c: RCX, RDX, R8-R11 zeroed on entry (locks.LEAVES); the PA
+    page-aligned, below MAXPA and without KeyID bits; inside an initialized 1 GiB block of a
+    TDMR; R9 the blocking epoch for PT_REG and PT_EPT pages."""
     pa = call.reg("rcx")
     if pa % abi.SZ_4K or pa >= seam.platform.max_pa:
         return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RCX)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.seam import abi, host_init, seamldr, td
+from harness.seam import abi, host_init, locks, seamldr, td
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.call import Call, SeamcallRequest, SeamcallResult, as_loaded, loaded_registers
 from harness.seam.exits import ExitScript
@@ -70,6 +70,7 @@ class TdxModule:
                          clock=self.trace.now)
         self.boots = 0
         self.anomalies: list[str] = []
+        self.contention = locks.Contention()
 
     @property
     def platform(self) -> PlatformConfig:
@@ -102,6 +103,7 @@ class TdxModule:
     def restore(self, snap: ModuleSnapshot) -> None:
         """Continue from ``snap``: as the firmware state of a machine restored from a file."""
         self.state, self.boots = copy.deepcopy(snap.state), snap.boots
+        self.contention.clear()
         self.seam.loader = copy.deepcopy(snap.loader)
         for record in snap.records:
             self.trace.append(record)
@@ -112,10 +114,12 @@ class TdxModule:
         """Machine reset or power-off: the BIOS reloads its module, all state is gone."""
         self.state = ModuleState()
         self.seam.loader = LoaderState.for_platform(self.platform)
+        self.contention.clear()
 
     def hello(self, nr_cpus: int, boot_apic_id: int) -> HelloAck:
         """A kernel started talking (boot, reboot or kexec): record it, answer the partition."""
         self.boots += 1
+        self.contention.clear()  # a kernel that starts has no CPU inside a SEAMCALL
         if nr_cpus != len(self.platform.cpus):
             self.anomaly(f"boot {self.boots}: kernel reports {nr_cpus} possible CPUs, platform has "
                          f"{len(self.platform.cpus)}")
@@ -135,6 +139,7 @@ class TdxModule:
         number = abi.leaf_key(request.fn)
         package = self.platform.package_of(request.cpu)
         call = Call(request, memory, package)
+        self.contention.leave(request.cpu)
         nth = self.state.calls_per_leaf.get(number, 0) + 1
         self.state.calls_per_leaf[number] = nth
         rule = self.faults.match(number, nth, request.cpu, package, request.reg("rdx"))
@@ -197,6 +202,10 @@ class TdxModule:
             call.note = f"APIC id {request.cpu} is not a CPU of the platform config"
             return Status.TDX_SYS_LP_INIT_NOT_DONE if number != Leaf.TDH_SYS_LP_INIT else \
                 Status.TDX_SYS_LP_INIT_NOT_PENDING
+        locks.zero_on_entry(call, number)
+        busy = self.contention.acquire(self.seam, call, number)
+        if busy:
+            return busy
         try:
             return handler(self.seam, call)
         except MemoryAccessError as err:

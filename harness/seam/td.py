@@ -176,7 +176,7 @@ def _table_key(level: int, gpa: int) -> tuple[int, int]:
     return level, gpa // (_entry_span(level) * 512)
 
 
-def _walk(td: Td, gpa: int, target: int) -> int:
+def sept_walk(td: Td, gpa: int, target: int) -> int:
     """Walk from the root towards ``target``; return the level of the deepest table reached."""
     level = td.root_level
     while level > target and _table_key(level - 1, gpa) in td.sept:
@@ -198,13 +198,13 @@ def _entry(td: Td, gpa: int, level: int) -> tuple[SeptState, int]:
     return SeptState.MAPPED, table | abi.SEPTE_RWX
 
 
-def _sept_details(call: Call, td: Td, gpa: int, level: int) -> None:
+def sept_details(call: Call, td: Td, gpa: int, level: int) -> None:
     """set_arch_septe_details_in_vmm_regs(): RCX = the entry, RDX = level and state."""
     state, value = _entry(td, gpa, level)
     call.outputs.update(rcx=value, rdx=level | (int(state) << abi.SEPT_STATE_SHIFT))
 
 
-def _page_info(rcx: int, min_level: int, max_level: int) -> tuple[int, int] | None:
+def page_info(rcx: int, min_level: int, max_level: int) -> tuple[int, int] | None:
     """verify_page_info_input(): reserved bits clear, level in range, GPA aligned to it."""
     level = rcx & abi.PAGE_INFO_LEVEL_MASK
     gpa = rcx & ~(abi.PAGE_INFO_RESERVED_MASK | abi.PAGE_INFO_LEVEL_MASK)
@@ -284,7 +284,7 @@ def _add_control_page(seam: Seam, call: Call, td: Td, pages: list[int], limit: i
 
 
 def mng_init(seam: Seam, call: Call) -> int:
-    call.outputs["rcx"] = 0  # no extended error unless a CPUID leaf is refused
+    # RCX is zeroed on entry (locks.LEAVES): no extended error unless a CPUID leaf is refused.
     status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
@@ -501,7 +501,6 @@ def vp_wr(seam: Seam, call: Call) -> int:
 
 
 def mng_rd(seam: Seam, call: Call) -> int:
-    call.outputs["r8"] = 0
     status, td = _explicit_tdr(seam, call, "rcx", OperandId.RCX)
     if td is None:
         return status
@@ -554,23 +553,22 @@ def _cpuid_field(td: Td, code: int) -> int | None:
 
 
 def mem_sept_add(seam: Seam, call: Call) -> int:
-    call.outputs.update(rcx=0, rdx=0)
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
     status = _build_state(seam, td, Leaf.TDH_MEM_SEPT_ADD)
     if status:
         return status
-    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PD, td.root_level)
+    info = page_info(call.reg("rcx"), abi.SeptLevel.LVL_PD, td.root_level)
     if info is None or not td.private_gpa(info[0]):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)
     gpa, level = info
-    reached = _walk(td, gpa, level)
+    reached = sept_walk(td, gpa, level)
     if reached != level:
-        _sept_details(call, td, gpa, reached)
+        sept_details(call, td, gpa, reached)
         return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX)
     if _entry(td, gpa, level)[0] is not SeptState.FREE:
-        _sept_details(call, td, gpa, level)
+        sept_details(call, td, gpa, level)
         return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX)
     page = call.reg("r8")
     status = private_page_status(seam, page, OperandId.R8, PageType.PT_NDA)
@@ -587,22 +585,21 @@ def _leaf_target(seam: Seam, call: Call, td: Td, leaf: Leaf) -> tuple[int, int]:
     status = _build_state(seam, td, leaf)
     if status:
         return status, 0
-    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PT)
+    info = page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PT)
     if info is None or not td.private_gpa(info[0]):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX), 0
     gpa = info[0]
-    reached = _walk(td, gpa, 0)
+    reached = sept_walk(td, gpa, 0)
     if reached != 0:
-        _sept_details(call, td, gpa, reached)
+        sept_details(call, td, gpa, reached)
         return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX), gpa
     if _entry(td, gpa, 0)[0] is not SeptState.FREE:
-        _sept_details(call, td, gpa, 0)
+        sept_details(call, td, gpa, 0)
         return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX), gpa
     return 0, gpa
 
 
 def mem_page_add(seam: Seam, call: Call) -> int:
-    call.outputs.update(rcx=0, rdx=0)
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
@@ -630,7 +627,6 @@ def mem_page_add(seam: Seam, call: Call) -> int:
 
 
 def mem_page_aug(seam: Seam, call: Call) -> int:
-    call.outputs.update(rcx=0, rdx=0)
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
@@ -649,9 +645,9 @@ def mem_page_aug(seam: Seam, call: Call) -> int:
 
 
 def mr_extend(seam: Seam, call: Call) -> int:
-    """tdh_mr_extend.c: RCX and RDX 0 unless the S-EPT walk fails; the TDR (RDX), the TD's state,
-    the GPA 256-byte aligned and private (RCX), then a walk to a leaf with access rights."""
-    call.outputs.update(rcx=0, rdx=0)
+    """tdh_mr_extend.c: RCX and RDX 0 (zeroed on entry, locks.LEAVES) unless the S-EPT walk
+    fails; the TDR (RDX), the TD's state, the GPA 256-byte aligned and private (RCX), then a
+    walk to a leaf with access rights."""
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status
@@ -667,9 +663,9 @@ def mr_extend(seam: Seam, call: Call) -> int:
     # EPT_ENTRY_NOT_PRESENT, with the entry where the walk stopped. Its next check, plain
     # TDX_EPT_ENTRY_NOT_PRESENT for a leaf whose state MR.EXTEND does not take, is reached only
     # by states that keep RWX (the migration states BLOCKEDW, EXPORTED_*), which the model lacks.
-    level = _walk(td, gpa, 0)
+    level = sept_walk(td, gpa, 0)
     if level or not _entry(td, gpa, 0)[1] & abi.SEPTE_RWX:
-        _sept_details(call, td, gpa, level)
+        sept_details(call, td, gpa, level)
         return _op(Status.TDX_EPT_ENTRY_NOT_PRESENT, OperandId.RCX)
     page_gpa = gpa - gpa % PAGE
     offset = gpa - page_gpa
@@ -697,26 +693,25 @@ def mr_finalize(seam: Seam, call: Call) -> int:
 
 def _leaf_to_zap(seam: Seam, call: Call, leaf_fn: Leaf) -> tuple[int, Td | None, int]:
     """Common start of RANGE.BLOCK and PAGE.REMOVE. Returns (status, td, gpa)."""
-    call.outputs.update(rcx=0, rdx=0)
     status, td = _explicit_tdr(seam, call, "rdx", OperandId.RDX)
     if td is None:
         return status, None, 0
     status = _build_state(seam, td, leaf_fn)
     if status:
         return status, None, 0
-    info = _page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PDPT)
+    info = page_info(call.reg("rcx"), abi.SeptLevel.LVL_PT, abi.SeptLevel.LVL_PDPT)
     if info is None or not td.private_gpa(info[0]):
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX), None, 0
     gpa, level = info
-    reached = _walk(td, gpa, level)
+    reached = sept_walk(td, gpa, level)
     if reached != level:
-        _sept_details(call, td, gpa, reached)
+        sept_details(call, td, gpa, reached)
         return _op(Status.TDX_EPT_WALK_FAILED, OperandId.RCX), None, 0
     if level != 0 or gpa not in td.leaves:
         # Free entries, and non-leaf ones (KVM never blocks or removes those: the model neither).
         if level and _entry(td, gpa, level)[0] is not SeptState.FREE:
             call.note = "blocking/removing a non-leaf S-EPT entry is not modelled"
-        _sept_details(call, td, gpa, level)
+        sept_details(call, td, gpa, level)
         return _op(Status.TDX_EPT_ENTRY_STATE_INCORRECT, OperandId.RCX), None, 0
     return 0, td, gpa
 
@@ -754,7 +749,7 @@ def mem_page_remove(seam: Seam, call: Call) -> int:
     # only once it is RUNNABLE, and only for pages the guest could have reached.
     if td.op_state is OpState.RUNNABLE and leaf.state is not SeptState.PENDING:
         if leaf.state is not SeptState.BLOCKED and leaf.state is not SeptState.PENDING_BLOCKED:
-            _sept_details(call, td, gpa, 0)
+            sept_details(call, td, gpa, 0)
             return _op(Status.TDX_GPA_RANGE_NOT_BLOCKED, OperandId.RCX)
         if not leaf.bepoch < td.epoch:
             return _op(Status.TDX_TLB_TRACKING_NOT_DONE, OperandId.RCX)
@@ -846,7 +841,6 @@ def mng_key_freeid(seam: Seam, call: Call) -> int:
 
 
 def phymem_page_reclaim(seam: Seam, call: Call) -> int:
-    call.outputs.update(rcx=0, rdx=0, r8=0, r9=0, r10=0, r11=0)
     pa = call.reg("rcx")
     if pa % PAGE or pa >= seam.platform.max_pa:
         return _op(Status.TDX_OPERAND_INVALID, OperandId.RCX)

@@ -114,6 +114,7 @@ def test_an_unknown_release_is_refused_by_name():
     ({"nr_tdx_keyids": -1}, "KeyID counts"),
     ({"tdmr_init_chunk": 1000}, "tdmr_init_chunk"),
     ({"cache_wb_chunks": 0}, "cache_wb_chunks"),
+    ({"lock_hold_s": -0.001}, "lock_hold_s"),
     ({"module_profile": "9.9"}, "9.9"),
 ])
 def test_a_platform_config_that_cannot_exist_is_refused_when_made(changes: dict[str, object], message: str) -> None:
