@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.bounded import FirstReports
 from harness.seam import abi, host_init, locks, seamldr, td
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.call import Call, SeamcallRequest, SeamcallResult, as_loaded, loaded_registers
@@ -69,7 +70,7 @@ class TdxModule:
         self.seam = Seam(platform, ModuleState(), LoaderState.for_platform(platform), ExitScript(),
                          clock=self.trace.now)
         self.boots = 0
-        self.anomalies: list[str] = []
+        self.anomalies: FirstReports[str] = FirstReports()
         self.contention = locks.Contention()
 
     @property
@@ -129,8 +130,10 @@ class TdxModule:
                         not self.platform.seamret_invd_vmcs_erratum)
 
     def anomaly(self, text: str) -> None:
-        log.warning("%s", text)
-        self.anomalies.append(text)
+        if self.anomalies.append(text):
+            log.warning("%s", text)
+        elif self.anomalies.dropped == 1:
+            log.warning("more than %d anomalies: later ones are counted, not kept or logged", self.anomalies.limit)
 
     # --- the SEAMCALL entry point -------------------------------------------------------------
 

@@ -54,8 +54,9 @@ class Frame:
 class Decoder:
     """Turns a byte stream into frames. Garbage before a magic, bad types, oversized lengths and
     bad CRCs are reported as FramingError items and skipped, so one bad frame never wedges the
-    stream; ``expire()`` gives up on a partial frame when the peer has gone quiet.
-    ``max_buffer`` bounds memory if a peer sends a flood without magic."""
+    stream; ``expire()`` gives up on a partial frame when the peer has gone quiet. Between
+    feeds the buffer holds at most one partial frame (or a lone first magic byte): garbage is
+    dropped as it is found, and ``max_buffer`` is a second bound on top."""
 
     def __init__(self, max_buffer: int = 4 * (HEADER.size + MAX_PAYLOAD + CRC.size)) -> None:
         self.buffer = bytearray()
@@ -97,18 +98,14 @@ class Decoder:
             raw = bytes(buf[:HEADER.size])
             # Only the magic goes: the bytes after a bogus header may hold the next frame.
             del buf[:len(MAGIC)]
-            return FramingError(f"length {length} exceeds {MAX_PAYLOAD}", raw, seq)
+            return FramingError(f"length {length} exceeds {MAX_PAYLOAD}", raw, seq, size=len(MAGIC))
         total = HEADER.size + length + CRC.size
         if len(buf) < total:
             return None
         raw = bytes(buf[:total])
         (crc,) = CRC.unpack_from(raw, HEADER.size + length)
         if crc != zlib.crc32(raw[:HEADER.size + length]):
-            # Drop only up to the next magic: if the frame lost bytes, its length swallowed the
-            # start of the next frame, which must still be found (what is left of a frame that
-            # was merely corrupted is reported as garbage).
-            cut = buf.find(MAGIC, len(MAGIC), total)
-            end = cut if cut > 0 else total
+            end = _resync_point(buf, total)
             del buf[:end]
             return FramingError(f"CRC mismatch (frame says {crc:#010x})", raw[:end], seq)
         if ftype not in FrameType.__members__.values() or flags:
@@ -135,6 +132,18 @@ class Decoder:
         raw = bytes(buf[:cut])
         del buf[:cut]
         return [FramingError(reason, raw, seq), *self.feed(b"")]
+
+
+def _resync_point(buf: bytearray, total: int) -> int:
+    """Where to resume after a frame of ``total`` bytes failed its CRC: at the next magic inside
+    it. If the frame lost bytes, its length swallowed the start of the next frame, which must
+    still be found (what is left of a frame that was merely corrupted is reported as garbage).
+    A frame one byte short ends on the next magic's first byte: its second may not have
+    arrived yet, so that byte is kept too (the next search drops it if no magic follows)."""
+    cut = buf.find(MAGIC, len(MAGIC), total)
+    if cut > 0:
+        return cut
+    return total - 1 if buf[total - 1:total] == MAGIC[:1] else total
 
 
 # --- payloads ---------------------------------------------------------------------------------

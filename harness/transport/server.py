@@ -16,13 +16,25 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.bounded import FirstReports
 from harness.deadline import Deadline
 from harness.seam.call import SeamcallRequest, Variant
 from harness.seam.memory import MemoryAccessError
 from harness.seam.module import TdxModule
-from harness.transport.errors import ChannelClosed, FramingError, ProtocolError, TransportError, TransportTimeout
+from harness.transport.errors import (
+    ChannelClosed,
+    ChannelDropped,
+    FramingError,
+    ProtocolError,
+    TransportError,
+    TransportTimeout,
+    text_excerpt,
+)
 from harness.transport.frames import (
+    CRC,
+    HEADER,
     MAX_MEM_CHUNK,
+    MAX_PAYLOAD,
     PROTO_VERSION,
     CallPayload,
     Decoder,
@@ -40,31 +52,95 @@ from harness.transport.frames import (
 log = logging.getLogger("harness.transport")
 
 ACCEPT_POLL = 0.2  # how often the accept loop checks for stop()
+WAKE = 1.0  # longest wait for the guest: a stopped server notices within this
+RECV_CHUNK = 65536
 # Silence after which a partial frame counts as truncated. The shim writes a frame in one go
 # with interrupts off, so only a vCPU descheduled for this long stalls a frame; the shim's own
 # exchange deadline (10 s by default) is longer, so the host reports first.
 FRAME_GAP = 5.0
+# How long an answer may wait for the guest to read it. The shim reads the wire throughout its
+# exchange and gives up after its own deadline (tdx_sw_module.timeout_ms, 10 s by default): an
+# answer still unread by then has no reader.
+SEND_TIMEOUT = 10.0
+# Bytes queued for a guest that reads slowly. The shim has one exchange on the wire at a time,
+# so a guest that reads never leaves more than an answer and a report waiting.
+OUTBOX_LIMIT = 4 * (HEADER.size + MAX_PAYLOAD + CRC.size)
+
+
+@dataclass
+class FramingRun:
+    """The framing errors since the last valid frame. The first is reported at once (a guest
+    whose frame was corrupted hears it, with its seq, without waiting for its deadline); the rest
+    are counted and summed up in one report when a valid frame ends the run, so a flood of bad
+    bytes gets two reports however long it is."""
+
+    errors: int = 0
+    dropped: int = 0  # bytes
+
+    def summary(self) -> str:
+        return f"{self.errors} framing errors, {self.dropped} bytes dropped before this frame"
 
 
 class Channel:
-    """Frames over a connected stream socket; every receive has a deadline. Bad bytes are
-    answered with an ERROR frame each (seq of the header they claimed, else 0) and recorded."""
+    """Frames over a connected stream socket, with deadlines both ways.
 
-    def __init__(self, sock: socket.socket, frame_gap: float = FRAME_GAP) -> None:
+    Receiving: every receive has a deadline; bad bytes are reported to the guest per FramingRun
+    and recorded (the first MAX_REPORTS, and a count). Sending never blocks: frames go to an
+    outbox that the receive loop flushes whenever the socket takes bytes, so a guest that does
+    not read cannot stop the server reading. Answers always queue; a framing report is dropped
+    unless the outbox is empty. A guest that leaves an answer unread for ``send_timeout``, or
+    lets OUTBOX_LIMIT bytes pile up, is dropped (ChannelDropped)."""
+
+    def __init__(self, sock: socket.socket, frame_gap: float = FRAME_GAP, send_timeout: float = SEND_TIMEOUT) -> None:
+        sock.setblocking(False)
         self.sock = sock
         self.frame_gap = frame_gap
+        self.send_timeout = send_timeout
         self.last_data = time.monotonic()
         self.decoder = Decoder()
         self.pending: deque[Frame] = deque()
-        self.framing_errors: list[FramingError] = []
+        self.framing_errors: FirstReports[FramingError] = FirstReports()
+        self.run = FramingRun()
+        self.reports_dropped = 0
+        self.outbox = bytearray()
+        self.answer_due: Deadline | None = None  # the oldest queued answer must be sent by then
         self.selector = selectors.DefaultSelector()
-        self.selector.register(sock, selectors.EVENT_READ)
+        self.events = selectors.EVENT_READ
+        self.selector.register(sock, self.events)
 
     def send(self, frame: Frame) -> None:
-        try:
-            self.sock.sendall(frame.encode())
-        except OSError as err:
-            raise ChannelClosed(f"sending {frame.type.name}: {err}") from err
+        """Queue an answer and send what the socket takes now."""
+        self.outbox += frame.encode()
+        if len(self.outbox) > OUTBOX_LIMIT:
+            raise ChannelDropped(f"the guest did not read its answers: {len(self.outbox)} bytes queued, "
+                                 f"limit {OUTBOX_LIMIT}")
+        if self.answer_due is None:
+            self.answer_due = Deadline.after(self.send_timeout)
+        self._flush()
+
+    def _report(self, frame: Frame) -> None:
+        """A framing report goes out only when nothing waits before it: it never holds up an
+        answer, and reports never pile up for a guest that does not read."""
+        if self.outbox:
+            self.reports_dropped += 1
+            return
+        self.outbox += frame.encode()
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                raise ChannelClosed(f"sending to the guest: {err}") from err
+            del self.outbox[:sent]
+        if not self.outbox:
+            self.answer_due = None
+        elif self.answer_due is not None and self.answer_due.expired():
+            raise ChannelDropped(f"the guest did not read its answers: {len(self.outbox)} bytes unsent after "
+                                 f"{self.send_timeout:.1f}s")
 
     def recv(self, deadline: Deadline, awaiting: str, exchange: int | None = None) -> Frame:
         """The next frame. ``exchange``: the seq of the exchange in progress; a corrupted frame
@@ -73,38 +149,69 @@ class Channel:
         while not self.pending:
             if deadline.expired():
                 raise TransportTimeout(f"no {awaiting} from the guest within {deadline.seconds:.1f}s")
-            # Wake at least every second so a stopped server notices (idle waits have no end),
-            # and when a partial frame's gap runs out.
-            wait = min(deadline.remaining(), 1.0)
-            if self.decoder.buffer:
-                wait = min(wait, max(0.0, self.last_data + self.frame_gap - time.monotonic()))
-            if not self.selector.select(timeout=wait):
-                if self.decoder.buffer and time.monotonic() - self.last_data >= self.frame_gap:
-                    self._take(self.decoder.expire(), exchange)
-                continue
-            try:
-                data = self.sock.recv(65536)
-            except OSError as err:
-                raise ChannelClosed(f"waiting for {awaiting}: {err}") from err
-            if not data:
-                raise ChannelClosed(f"guest closed the channel while the server waited for {awaiting}")
-            self.last_data = time.monotonic()
-            self._take(self.decoder.feed(data), exchange)
+            self._flush()
+            if self._wait(deadline) & selectors.EVENT_READ:
+                self._read(awaiting, exchange)
+            elif self.decoder.buffer and time.monotonic() - self.last_data >= self.frame_gap:
+                self._take(self.decoder.expire(), exchange)
         return self.pending.popleft()
+
+    def _wait(self, deadline: Deadline) -> int:
+        """Wait until the socket is readable (or writable, with bytes queued) or a deadline comes:
+        the caller's, the partial frame's gap, the queued answer's, or WAKE."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        if events != self.events:
+            self.selector.modify(self.sock, events)
+            self.events = events
+        wait = min(deadline.remaining(), WAKE)
+        if self.decoder.buffer:
+            wait = min(wait, max(0.0, self.last_data + self.frame_gap - time.monotonic()))
+        if self.answer_due is not None:
+            wait = min(wait, self.answer_due.remaining())
+        ready = 0
+        for _, mask in self.selector.select(timeout=wait):
+            ready |= mask
+        return ready
+
+    def _read(self, awaiting: str, exchange: int | None) -> None:
+        try:
+            data = self.sock.recv(RECV_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            raise ChannelClosed(f"waiting for {awaiting}: {err}") from err
+        if not data:
+            raise ChannelClosed(f"guest closed the channel while the server waited for {awaiting}")
+        self.last_data = time.monotonic()
+        self._take(self.decoder.feed(data), exchange)
 
     def _take(self, items: list[Frame | FramingError], exchange: int | None) -> None:
         hit: FramingError | None = None
         for item in items:
             if isinstance(item, FramingError):
-                log.error("%s", item)
-                self.framing_errors.append(item)
-                self.send(ErrorPayload(ErrorCode.FRAMING, item.reason).frame(item.seq or 0))
+                self._framing_error(item)
                 if exchange is not None and item.seq == exchange:
                     hit = hit or item
             else:
+                self._end_run()
                 self.pending.append(item)
         if hit is not None:
             raise ProtocolError(f"a frame of exchange {exchange} was corrupted ({hit.reason})")
+
+    def _framing_error(self, error: FramingError) -> None:
+        self.framing_errors.append(error)
+        if not self.run.errors:
+            log.error("%s", error)
+            self._report(ErrorPayload(ErrorCode.FRAMING, error.reason).frame(error.seq or 0))
+        self.run.errors += 1
+        self.run.dropped += error.size
+
+    def _end_run(self) -> None:
+        if self.run.errors > 1:
+            summary = self.run.summary()
+            log.error("%s", summary)
+            self._report(ErrorPayload(ErrorCode.FRAMING, summary).frame(0))
+        self.run = FramingRun()
 
     def close(self) -> None:
         self.selector.close()
@@ -161,16 +268,23 @@ class SeamServer:
     """Listens for the emulator's COM2 connection and serves the module on a thread.
 
     ``address`` is a filesystem path (Unix socket) or ("127.0.0.1", port) (TCP, port 0 picks a
-    free one: read ``address`` after construction). ``mem_timeout`` bounds each MEM_* answer.
+    free one: read ``address`` after construction). ``mem_timeout`` bounds each MEM_* answer,
+    ``send_timeout`` how long an answer may wait for the guest to read it.
+
+    No deadline applies between exchanges: the shim only talks when its kernel issues a
+    SEAMCALL, which may not happen for minutes (a booted guest with no TD activity), and the
+    emulator connects COM2 once, so a quiet guest that was dropped would lose its module for
+    the rest of its life. One guest at a time: each machine has its own server.
     """
 
     def __init__(self, module: TdxModule, address: str | Path | tuple[str, int], mem_timeout: float = 30.0,
-                 frame_gap: float = FRAME_GAP) -> None:
+                 frame_gap: float = FRAME_GAP, send_timeout: float = SEND_TIMEOUT) -> None:
         self.module = module
         self.mem_timeout = mem_timeout
         self.frame_gap = frame_gap
+        self.send_timeout = send_timeout
         self.lock = threading.Lock()  # held while the module runs a call; tests take it to change plans
-        self.errors: list[TransportError] = []
+        self.errors: FirstReports[TransportError] = FirstReports()  # across connections
         self.calls = 0
         self._stop = threading.Event()
         self._channel: Channel | None = None
@@ -194,9 +308,10 @@ class SeamServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        if self._channel is not None:
+        channel = self._channel  # once: the serving thread clears it when the guest goes
+        if channel is not None:
             with contextlib.suppress(OSError):  # the guest may have gone already
-                self._channel.sock.shutdown(socket.SHUT_RDWR)
+                channel.sock.shutdown(socket.SHUT_RDWR)
         self.thread.join(timeout)
         self.listener.close()
         if isinstance(self.address, str) and os.path.exists(self.address):
@@ -217,29 +332,45 @@ class SeamServer:
             except OSError:
                 return
             log.info("guest connected to the module on %s", self.address)
-            self._channel = Channel(sock, self.frame_gap)
+            channel = Channel(sock, self.frame_gap, self.send_timeout)
+            self._channel = channel
             try:
-                self._serve(self._channel)
+                self._serve(channel)
             except ChannelClosed as err:
                 if not self._stop.is_set():
                     log.info("module channel closed: %s", err)
+            except ChannelDropped as err:
+                log.error("dropped the guest connection: %s", err)
+                self._record(err, f"module server dropped the guest connection: {err}")
             except Exception as err:  # a server bug: report it, drop this connection, keep listening
                 log.exception("module channel failed")
-                self.errors.append(TransportError(f"server failed: {err!r}"))
-                self.module.anomaly(f"module server dropped the guest connection: {err!r}")
+                self._record(TransportError(f"server failed: {err!r}"),
+                             f"module server dropped the guest connection: {err!r}")
             finally:
-                for bad in self._channel.framing_errors:  # answered with ERROR frames; the module keeps the record
-                    self.module.anomaly(f"bad frame from the guest: {bad}")
-                self._channel.close()
                 self._channel = None
+                channel.close()
+                self._record_framing(channel)
+
+    def _record(self, err: TransportError, anomaly: str) -> bool:
+        """Keep ``err`` and tell the module; whether it was kept (past MAX_REPORTS a flood of
+        bad frames is only counted, and not logged either)."""
+        self.module.anomaly(anomaly)
+        return self.errors.append(err)
+
+    def _record_framing(self, channel: Channel) -> None:
+        """The guest was answered with ERROR frames; the module keeps the record."""
+        for bad in channel.framing_errors:
+            self.module.anomaly(f"bad frame from the guest: {bad}")
+        if channel.framing_errors.dropped:
+            self.module.anomaly(f"{channel.framing_errors.dropped} more bad frames from the guest (counted, not kept)")
 
     def _serve(self, channel: Channel) -> None:
-        idle = Deadline.after(float("inf"))  # between exchanges the guest may be silent for ever
+        idle = Deadline.after(float("inf"))  # between exchanges the guest may be silent for ever (see class)
         while not self._stop.is_set():
             frame = channel.recv(idle, "HELLO or CALL")
             try:
                 self._handle(channel, frame)
-            except ChannelClosed:
+            except (ChannelClosed, ChannelDropped):
                 raise
             except (ProtocolError, TransportTimeout) as err:
                 self._fail(channel, frame, ErrorCode.PROTOCOL, err)
@@ -251,9 +382,9 @@ class SeamServer:
 
     def _fail(self, channel: Channel, frame: Frame, code: ErrorCode, err: Exception) -> None:
         text = str(err) if code is ErrorCode.PROTOCOL else f"internal error: {err!r}"
-        log.error("exchange %d failed: %s", frame.seq, text)
-        self.errors.append(err if isinstance(err, TransportError) else TransportError(text))
-        self.module.anomaly(f"exchange {frame.seq} ({frame.type.name}) failed: {text}")
+        if self._record(err if isinstance(err, TransportError) else TransportError(text),
+                        f"exchange {frame.seq} ({frame.type.name}) failed: {text}"):
+            log.error("exchange %d failed: %s", frame.seq, text)
         channel.send(ErrorPayload(code, text).frame(frame.seq))
 
     def _handle(self, channel: Channel, frame: Frame) -> None:
@@ -278,8 +409,9 @@ class SeamServer:
             channel.send(ReturnPayload(result.status, result.regs).frame(frame.seq))
         elif frame.type is FrameType.ERROR:
             error = ErrorPayload.parse(frame)
-            log.error("guest reported %s error: %s", error.code.name, error.text)
-            self.errors.append(ProtocolError(f"guest reported {error.code.name}: {error.text}"))
-            self.module.anomaly(f"guest reported a {error.code.name} error: {error.text}")
+            text = text_excerpt(error.text)
+            if self._record(ProtocolError(f"guest reported {error.code.name}: {text}"),
+                            f"guest reported a {error.code.name} error: {text}"):
+                log.error("guest reported %s error: %s", error.code.name, text)
         else:
             raise ProtocolError(f"unexpected {frame.type.name} outside an exchange", received=frame)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 import zlib
@@ -11,6 +12,8 @@ from fake_shim import FakeShim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.bounded import MAX_REPORTS, FirstReports
+from harness.deadline import Deadline
 from harness.seam import abi
 from harness.seam.abi import Leaf, Status
 from harness.seam.faults import withheld
@@ -18,22 +21,26 @@ from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.seam.state import SysState
-from harness.transport.errors import ProtocolError
+from harness.transport.errors import EXCERPT, ChannelDropped, FramingError, ProtocolError
 from harness.transport.frames import (
+    CRC,
     HEADER,
     MAGIC,
     MAX_PAYLOAD,
+    PROTO_VERSION,
     CallPayload,
     Decoder,
     ErrorCode,
     ErrorPayload,
     Frame,
     FrameType,
+    Hello,
     ReturnPayload,
 )
-from harness.transport.server import SeamServer
+from harness.transport.server import Channel, SeamServer
 
 G, M = 1 << 30, 1 << 20
+PROBE_LEAF = 0x7777  # an unknown leaf: no memory, no state
 
 frames = st.builds(Frame, st.sampled_from(list(FrameType)), st.integers(0, 0xFFFF),
                    st.binary(max_size=300))
@@ -192,3 +199,200 @@ def test_server_stop_with_connected_guest_is_prompt(tmp_path):
     assert not server.thread.is_alive()
     assert not (tmp_path / "s.sock").exists()
     shim.close()
+
+
+# --- hostile input: resync, deadlines, bounds -------------------------------------------------
+
+
+def crc_field(span: bytes) -> int:
+    """The CRC a receiver reads from the last four bytes of a frame's span."""
+    return struct.unpack("<I", span[-CRC.size:])[0]
+
+
+@pytest.mark.parametrize("lost", [1, 2, 3])
+def test_a_frame_short_of_its_last_bytes_does_not_swallow_the_next(lost):
+    """A HELLO that lost its last bytes, then a complete HELLO: the first one's span (its length
+    field) reaches into the second, whose magic must still be found, in any chunking."""
+    short = Hello(PROTO_VERSION, 2, 0).frame(1).encode()[:-lost]
+    follower = Hello(PROTO_VERSION, 2, 0).frame(2).encode()
+    if lost == 1:  # the byte stream of issue 25's reproducer
+        assert short.hex() == "5458010001001000010000000200000000000000000000003d01ce"
+    span = (short + follower)[:len(short) + lost]
+    for chunk in range(1, len(short) + len(follower) + 1):
+        decoder, out = Decoder(), []
+        stream = short + follower
+        for at in range(0, len(stream), chunk):
+            out += decoder.feed(stream[at:at + chunk])
+        error, frame = out
+        assert isinstance(error, FramingError), out
+        assert (error.seq, error.reason, error.size) == (1, f"CRC mismatch (frame says {crc_field(span):#010x})",
+                                                         len(short)), chunk
+        assert frame == Frame(FrameType.HELLO, 2, follower[HEADER.size:-CRC.size]), chunk
+        assert not decoder.buffer
+
+
+def test_the_frame_after_a_one_byte_short_frame_is_answered(served):
+    _, _, shim = served
+    short = Hello(PROTO_VERSION, 2, 0).frame(1).encode()[:-1]
+    shim.send_raw(short + Hello(PROTO_VERSION, 2, 0).frame(2).encode())
+    error, ack = shim.recv_frame(), shim.recv_frame()
+    assert (error.type, error.seq, ErrorPayload.parse(error).code) == (FrameType.ERROR, 1, ErrorCode.FRAMING)
+    assert (ack.type, ack.seq) == (FrameType.HELLO_ACK, 2)
+
+
+def read_frames_until(sock: socket.socket, seq: int, ftype: FrameType, timeout: float = 10.0) -> list[Frame]:
+    """Every frame the server sent, up to the first of ``ftype`` with ``seq``."""
+    decoder, frames = Decoder(), []
+    deadline = Deadline.after(timeout)
+    while not frames or (frames[-1].seq, frames[-1].type) != (seq, ftype):
+        sock.settimeout(max(deadline.remaining(), 0.001))
+        data = sock.recv(65536)
+        assert data, f"server closed the channel after {frames}"
+        for item in decoder.feed(data):
+            assert isinstance(item, Frame), item
+            frames.append(item)
+    return frames
+
+
+def probe_call(seq: int) -> bytes:
+    return CallPayload(0, 1, PROBE_LEAF, (0,) * 13).frame(seq).encode()
+
+
+def test_a_flood_from_a_peer_that_does_not_read_is_read_and_reported_once(tmp_path):
+    """1 MiB of frames with a wrong CRC from a guest that reads nothing until it is done: the
+    server keeps reading (the guest's send completes), reports the run's first error at once and
+    the rest in one summary when a valid frame ends the run, then answers that frame."""
+    bad = bytearray(raw_call_frame(seq=0x0101))
+    bad[-1] ^= 0x01  # bytes without 0x54/0x58 anywhere but the magic: each frame is one error
+    assert bad.find(MAGIC, 1) < 0 and MAGIC[:1] not in bad[1:]
+    count = (1 << 20) // len(bad)
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
+    with SeamServer(module, tmp_path / "s.sock"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(tmp_path / "s.sock"))
+        sock.settimeout(20.0)  # the old server stopped reading after ~200 KiB: this send never ended
+        sock.sendall(bytes(bad) * count + probe_call(7))
+        first, summary, answer = read_frames_until(sock, 7, FrameType.RETURN)
+        sock.close()
+    assert (first.type, first.seq) == (FrameType.ERROR, 0x0101)
+    assert ErrorPayload.parse(first) == ErrorPayload(ErrorCode.FRAMING,
+                                                     f"CRC mismatch (frame says {crc_field(bytes(bad)):#010x})")
+    assert (summary.type, summary.seq) == (FrameType.ERROR, 0)
+    assert ErrorPayload.parse(summary) == ErrorPayload(
+        ErrorCode.FRAMING, f"{count} framing errors, {count * len(bad)} bytes dropped before this frame")
+    assert (answer.type, answer.seq) == (FrameType.RETURN, 7)
+
+
+def raw_call_frame(seq: int) -> bytes:
+    return CallPayload(1, 1, 0x1111, (0x1111,) * 13).frame(seq).encode()
+
+
+def test_a_peer_that_does_not_read_its_answers_is_dropped_and_the_server_listens_on(tmp_path):
+    """Valid CALLs from a guest that never reads the RETURNs: the server neither blocks in a send
+    nor queues without bound; it drops the connection, says why, and serves the next guest."""
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
+    with SeamServer(module, tmp_path / "s.sock", send_timeout=0.2) as server:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(tmp_path / "s.sock"))
+        sock.settimeout(10.0)  # the old server blocked in sendall: so did this guest, then timed out
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for seq in range(1, 1 << 20):
+                sock.sendall(probe_call(seq))
+        sock.close()
+        dropped = "module server dropped the guest connection: the guest did not read its answers"
+        deadline = Deadline.after(5.0)
+        while not any(a.startswith(dropped) for a in module.anomalies) and not deadline.expired():
+            time.sleep(0.01)
+        assert any(a.startswith(dropped) for a in module.anomalies), list(module.anomalies)
+        assert isinstance(server.errors.last, ChannelDropped)
+        shim = FakeShim(str(tmp_path / "s.sock"), SparseMemory([(0, 2 * G)]))
+        assert shim.hello().module_present
+        shim.close()
+
+
+def test_framing_error_keeps_an_excerpt_of_its_bytes():
+    error = FramingError("no magic", bytes(range(256)) * 20)
+    assert (error.raw, error.size) == (bytes(range(EXCERPT)), 5120)
+    assert str(error) == f"bad frame: no magic (5120 bytes dropped); raw bytes: {bytes(range(EXCERPT)).hex(' ')} ..."
+
+
+def test_first_reports_keeps_the_first_n_a_count_and_the_last():
+    reports: FirstReports[int] = FirstReports(limit=3)
+    for n in range(10):
+        reports.append(n)
+    assert (list(reports), reports.total, reports.last, reports[-1], len(reports)) == ([0, 1, 2], 10, 9, 2, 3)
+
+
+def test_hostile_frames_are_kept_as_counts_and_excerpts_across_reconnects(tmp_path):
+    """Frames with 4 KiB payloads the server refuses (host-to-guest types, wrong CRCs, guest
+    ERRORs with long texts), more than MAX_REPORTS of each, over two connections: the server and
+    the module keep counts, the first MAX_REPORTS reports and 64-byte excerpts of the bytes."""
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
+    big = bytes(range(256)) * 16
+    each = MAX_REPORTS + 5
+    with SeamServer(module, tmp_path / "s.sock") as server:
+        for _ in range(2):
+            shim = FakeShim(str(tmp_path / "s.sock"), SparseMemory([(0, 2 * G)]))
+            channel = None
+            for seq in range(1, each + 1):
+                shim.send_raw(Frame(FrameType.MEM_WRITE, seq, big).encode())
+                assert shim.recv_frame().type is FrameType.ERROR
+                bad = bytearray(Frame(FrameType.CALL, seq, big).encode())
+                bad[-1] = 0 if bad[-1] else 1  # a wrong CRC whose last byte cannot start a magic
+                shim.send_raw(bytes(bad))
+                assert shim.recv_frame().type is FrameType.ERROR
+                shim.send_raw(ErrorPayload(ErrorCode.PROTOCOL, "x" * 4000).frame(seq).encode())
+                # a valid frame: ends the framing run (no summary: one error each)
+                assert shim.seamcall(0, PROBE_LEAF).status
+                channel = server._channel
+            assert channel is not None and channel.framing_errors.total == each
+            assert all(len(e.raw) == EXCERPT and e.size == len(bad) for e in channel.framing_errors)
+            shim.close()
+            deadline = Deadline.after(5.0)
+            while server._channel is not None and not deadline.expired():  # the record moves to the module
+                time.sleep(0.01)
+    # Per connection: a protocol error for each MEM_WRITE and each guest ERROR.
+    assert server.errors.total == 2 * 2 * each and len(server.errors) == MAX_REPORTS
+    # The same in the module's record, and the framing errors once each connection ended: the
+    # first MAX_REPORTS, then one line for the rest.
+    assert module.anomalies.total == 2 * 2 * each + 2 * (MAX_REPORTS + 1)
+    assert len(module.anomalies) == MAX_REPORTS
+    longest = max(len(str(e)) for e in server.errors)
+    assert longest < 1024 and max(len(a) for a in module.anomalies) < 1024, longest
+
+
+class ChannelGoneOnSecondRead(SeamServer):
+    """``_channel`` as stop() sees it when the serving thread closes the connection between
+    two of its reads: the channel first, then None."""
+
+    reads: list[Channel | None]
+
+    @property  # type: ignore[override]
+    def _channel(self) -> Channel | None:
+        return self.reads.pop(0) if self.reads else None
+
+    @_channel.setter
+    def _channel(self, value: Channel | None) -> None:
+        pass  # no guest connects in this test: the serving thread never sets it
+
+
+def test_stop_reads_the_channel_once(tmp_path):
+    server = ChannelGoneOnSecondRead(TdxModule(), tmp_path / "s.sock").start()
+    ours, theirs = socket.socketpair()
+    server.reads = [Channel(ours)]
+    server.stop()
+    theirs.settimeout(5.0)
+    assert theirs.recv(1) == b""  # the connection stop() found was shut down
+    theirs.close()
+
+
+def test_a_silent_guest_keeps_its_connection(tmp_path):
+    """No idle deadline between exchanges: a kernel may issue no SEAMCALL for minutes and its
+    emulator connects COM2 once. Silence far past every deadline of the server, then a CALL."""
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
+    with SeamServer(module, tmp_path / "s.sock", mem_timeout=0.05, frame_gap=0.05, send_timeout=0.05):
+        shim = FakeShim(str(tmp_path / "s.sock"), SparseMemory([(0, 2 * G)]))
+        shim.hello()
+        time.sleep(0.5)
+        assert shim.seamcall(0, Leaf.TDH_SYS_INIT).status == 0
+        shim.close()
