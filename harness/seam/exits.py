@@ -135,13 +135,16 @@ def triple_fault() -> TdExit:
 
 def machine_check() -> TdExit:
     """A #MC while the guest runs (td_exception_or_nmi_exit(), td_other_exits.c): the TD is
-    fatal and its memory not to be touched; R9 = the #MC's interruption info."""
+    fatal and its memory not to be touched; R9 = the #MC's interruption info. KVM hands the #MC
+    to the host's handler (vmx_handle_exit_irqoff() -> kvm_machine_check()), which reads the
+    banks: without a record there (this module has none to give) the host panics."""
     return _async(abi.Status.TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE, abi.ExitReason.EXCEPTION_NMI,
                   "#MC in the TD", intr_info=abi.INTR_INFO_VALID | abi.INTR_TYPE_HARD_EXCEPTION | abi.MC_VECTOR)
 
 
 def vmentry_machine_check() -> TdExit:
-    """VM entry fails on a machine check (handle_vm_entry_failures(), tdx_td_dispatcher.c)."""
+    """VM entry fails on a machine check (handle_vm_entry_failures(), tdx_td_dispatcher.c).
+    KVM runs the host's #MC handler for it too (see machine_check())."""
     return _async(abi.Status.TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE, abi.ExitReason.MCE_DURING_VMENTRY,
                   "VM entry failed: machine check", entry_failed=True)
 

@@ -34,9 +34,10 @@
  *                               KVM_RUN once; prints the exit (exit_reason, and for port I/O
  *                               port/size/direction/count/data, for MMIO phys_addr/len/is_write/
  *                               data, for a hypercall nr/args/flags, for KVM_EXIT_TDX nr and its
- *                               operands, for a system event type/data, for a failed entry its
- *                               reason). KVM keeps a halted vCPU in KVM_RUN: an alarm every T ms
- *                               (default 2000) ends it with EINTR. The answer for the next run:
+ *                               operands, for a system event type/data, for an internal error
+ *                               suberror/ndata/data[0..1], for a failed entry its reason).
+ *                               KVM keeps a halted vCPU in KVM_RUN: an alarm every T ms (default
+ *                               2000) ends it with EINTR. The answer for the next run:
  *                               V for an "in" port or MMIO read, R as the hypercall's or the
  *                               TDVMCALL's return code (KVM's default stays when R is not given),
  *                               r11-r14 for GetTdVmCallInfo leaf 1.
@@ -706,6 +707,12 @@ static void step_run(const struct step *s)
 		       run->exit_reason, run->system_event.type, data);
 		break;
 	}
+	case KVM_EXIT_INTERNAL_ERROR:
+		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"suberror\": %u, \"ndata\": %u, "
+		       "\"data\": [%llu, %llu]", run->exit_reason, run->internal.suberror, run->internal.ndata,
+		       run->internal.ndata > 0 ? run->internal.data[0] : 0ULL,
+		       run->internal.ndata > 1 ? run->internal.data[1] : 0ULL);
+		break;
 	case KVM_EXIT_FAIL_ENTRY:
 		report(s, "KVM_RUN", ret, err, 0, ", \"exit_reason\": %u, \"hardware_entry_failure_reason\": %"
 		       PRIu64, run->exit_reason, (uint64_t)run->fail_entry.hardware_entry_failure_reason);
