@@ -47,6 +47,7 @@ RULES: tuple[tuple[Crash, re.Pattern[str]], ...] = (
     (Crash.TDX_INIT_FAILED, patterns.INIT_FAILED),
     (Crash.MODULE_UNREACHABLE, patterns.SHIM_EXCHANGE_FAILED),
     (Crash.MODULE_UNREACHABLE, patterns.SHIM_PEER_DEAD),
+    (Crash.MODULE_UNREACHABLE, patterns.SHIM_HELLO_REFUSED),
     (Crash.SEAMCALL_UD, patterns.SHIM_SEAMCALL_UD),
     (Crash.WIRE_TAKEOVER, patterns.SHIM_WIRE_TAKEOVER),
 )

@@ -38,6 +38,8 @@ KVM_SEAMCALL_FAILED = re.compile(r"kvm_intel: SEAMCALL (?P<leaf>TDH_[A-Z_]+) fai
 KVM_ACCESS_BEFORE_ACCEPT = re.compile(r"Guest access before accepting (?P<gpa>0x[0-9a-f]+) on vCPU (?P<vcpu>\d+)")
 SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>module loaded|no module loaded)")
 SHIM_NO_ANSWER = re.compile(r"tdx-sw-module: no software TDX module answered on COM2")
+# A HELLO_ACK of another protocol version or size, or KeyID counts that do not fit the KeyID bits.
+SHIM_HELLO_REFUSED = re.compile(r"tdx-sw-module: refused the software TDX module's HELLO_ACK: ")
 SHIM_EXCHANGE_FAILED = re.compile(r"tdx-sw-module: exchange failed: ")
 SHIM_PEER_DEAD = re.compile(r"tdx-sw-module: the software TDX module stopped answering")
 # kernel/panic.c __warn() in Linux 7.x: "WARNING: FILE:LINE at FUNC+OFF/LEN, CPU#N: COMM/PID".

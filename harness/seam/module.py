@@ -135,6 +135,16 @@ class TdxModule:
         elif self.anomalies.dropped == 1:
             log.warning("more than %d anomalies: later ones are counted, not kept or logged", self.anomalies.limit)
 
+    def return_refused(self, reason: str) -> str:
+        """The guest did not take the last call's RETURN (it arrived corrupted, or the wrong
+        size): the kernel saw VMFAILINVALID, whatever the module decided. The record says so,
+        and so does an anomaly, which is returned."""
+        record = self.trace.amend_last(f"RETURN refused by the guest ({reason}): the kernel saw VMFAILINVALID")
+        text = (f"call {record.seq} ({record.leaf}, {record.status_name} in the trace): the guest refused its "
+                f"RETURN ({reason}); the kernel saw VMFAILINVALID")
+        self.anomaly(text)
+        return text
+
     # --- the SEAMCALL entry point -------------------------------------------------------------
 
     def call(self, sent: SeamcallRequest, memory: PhysicalMemory) -> SeamcallResult:

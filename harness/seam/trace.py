@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -53,6 +53,7 @@ class Trace:
     records: list[TraceRecord] = field(default_factory=list)
     sink: IO[str] | None = None
     start: float = field(default_factory=time.monotonic)
+    last_line_at: int | None = field(default=None, repr=False)  # offset of the last record in sink
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -60,8 +61,21 @@ class Trace:
     def append(self, record: TraceRecord) -> None:
         self.records.append(record)
         if self.sink is not None:
+            self.last_line_at = self.sink.tell()
             self.sink.write(record.to_json() + "\n")
             self.sink.flush()
+
+    def amend_last(self, note: str) -> TraceRecord:
+        """Add ``note`` to the last record, and rewrite its line in the sink."""
+        record = self.records[-1]
+        amended = replace(record, note=f"{record.note}; {note}" if record.note else note)
+        self.records[-1] = amended
+        if self.sink is not None and self.last_line_at is not None:
+            self.sink.seek(self.last_line_at)
+            self.sink.truncate()
+            self.sink.write(amended.to_json() + "\n")
+            self.sink.flush()
+        return amended
 
     def close(self) -> None:
         if self.sink is not None:

@@ -32,6 +32,14 @@ class FrameType(enum.IntEnum):
     MEM_WRITE = 0x84
 
 
+# MEM_DATA / MEM_ACK status: why the guest did not serve a request (0: it did).
+MEM_STATUS = {
+    1: "not RAM",
+    2: "missing or read-only in the guest's direct map",
+    3: "MEM_WRITE outside the buffer the kernel passed for the call",
+}
+
+
 class ErrorCode(enum.IntEnum):
     FRAMING = 1
     PROTOCOL = 2

@@ -35,6 +35,7 @@ from harness.transport.frames import (
     HEADER,
     MAX_MEM_CHUNK,
     MAX_PAYLOAD,
+    MEM_STATUS,
     PROTO_VERSION,
     CallPayload,
     Decoder,
@@ -242,7 +243,8 @@ class WireMemory:
         if (reply.pa, reply.length) != (request.pa, request.length):
             raise ProtocolError("memory reply for another range", sent=request, received=reply)
         if reply.status:
-            raise MemoryAccessError(request.pa, request.length, f"guest refused (status {reply.status})")
+            why = MEM_STATUS.get(reply.status, "unknown status")
+            raise MemoryAccessError(request.pa, request.length, f"guest refused (status {reply.status}: {why})")
         return reply
 
     def read(self, pa: int, size: int) -> bytes:
@@ -286,6 +288,8 @@ class SeamServer:
         self.lock = threading.Lock()  # held while the module runs a call; tests take it to change plans
         self.errors: FirstReports[TransportError] = FirstReports()  # across connections
         self.calls = 0
+        # The seq of the last RETURN sent and the trace's length then: the guest may refuse it.
+        self._answered: tuple[int, int] | None = None
         self._stop = threading.Event()
         self._channel: Channel | None = None
         if isinstance(address, tuple):
@@ -388,6 +392,7 @@ class SeamServer:
         channel.send(ErrorPayload(code, text).frame(frame.seq))
 
     def _handle(self, channel: Channel, frame: Frame) -> None:
+        answered, self._answered = self._answered, None
         if frame.type is FrameType.HELLO:
             hello = Hello.parse(frame)
             if hello.proto_version != PROTO_VERSION:
@@ -407,9 +412,18 @@ class SeamServer:
                 log.info("exchange %d: RETURN withheld by the fault plan", frame.seq)
                 return
             channel.send(ReturnPayload(result.status, result.regs).frame(frame.seq))
+            self._answered = (frame.seq, len(self.module.trace))
         elif frame.type is FrameType.ERROR:
             error = ErrorPayload.parse(frame)
             text = text_excerpt(error.text)
+            if answered == (frame.seq, len(self.module.trace)):
+                # About the RETURN just sent (corrupted on the way, or refused): the kernel got
+                # VMFAILINVALID, so the call's record must not stand as it is.
+                with self.lock:
+                    anomaly = self.module.return_refused(f"{error.code.name}: {text}")
+                if self.errors.append(ProtocolError(anomaly)):
+                    log.error("%s", anomaly)
+                return
             if self._record(ProtocolError(f"guest reported {error.code.name}: {text}"),
                             f"guest reported a {error.code.name} error: {text}"):
                 log.error("guest reported %s error: %s", error.code.name, text)

@@ -21,6 +21,7 @@ from harness.seam.memory import SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.seam.state import SysState
+from harness.seam.trace import Trace, read_trace
 from harness.transport.errors import EXCERPT, ChannelDropped, FramingError, ProtocolError
 from harness.transport.frames import (
     CRC,
@@ -180,6 +181,39 @@ def test_bad_frames_and_guest_errors_become_module_anomalies(served):
     assert any("guest reported a PROTOCOL error: confused" in a for a in module.anomalies), module.anomalies
     assert any(a.startswith("bad frame from the guest") and "CRC mismatch" in a for a in module.anomalies), \
         module.anomalies
+
+
+def wait_for_anomaly(module: TdxModule, text: str, timeout: float = 10.0) -> str:
+    deadline = Deadline.after(timeout)
+    while not deadline.expired():
+        found = [a for a in module.anomalies if text in a]
+        if found:
+            return found[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no anomaly with {text!r}: {list(module.anomalies)}")
+
+
+def test_a_return_the_guest_refuses_is_marked_in_the_trace_and_the_anomalies(tmp_path):
+    """The shim answers a corrupted RETURN with an ERROR of its seq and gives the kernel
+    VMFAILINVALID: the call's record (in memory and in the trace file) and the anomalies say so."""
+    trace_path = tmp_path / "seamcalls.jsonl"
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])), trace=Trace(sink=trace_path.open("w")))
+    with SeamServer(module, tmp_path / "seam.sock") as server:
+        shim = FakeShim(str(tmp_path / "seam.sock"), SparseMemory([(0, 2 * G)]))
+        shim.hello()
+        assert shim.seamcall(0, Leaf.TDH_SYS_INIT).status == 0
+        shim.send_raw(ErrorPayload(ErrorCode.PROTOCOL, "RETURN of the wrong size").frame(shim.seq).encode())
+        anomaly = wait_for_anomaly(module, "refused its RETURN")
+        assert "SYS.INIT" in anomaly and "TDX_SUCCESS in the trace" in anomaly and "VMFAILINVALID" in anomaly
+        assert "RETURN refused by the guest" in (module.trace.records[-1].note or "")
+        assert isinstance(server.errors[0], ProtocolError)
+        # An ERROR about an older exchange is only reported.
+        shim.send_raw(ErrorPayload(ErrorCode.PROTOCOL, "late").frame(shim.seq - 1).encode())
+        wait_for_anomaly(module, "guest reported a PROTOCOL error: late")
+        shim.close()
+    (line,) = [r for r in read_trace(trace_path) if r.leaf == "TDH.SYS.INIT"]
+    assert "RETURN refused by the guest" in (line.note or "")
+    assert len(read_trace(trace_path)) == len(module.trace)
 
 
 def test_unexpected_frame_type_is_a_protocol_error(served):
