@@ -15,7 +15,7 @@ from harness.machine.qemu import QemuMachine
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
-from harness.observe.kvm import LOAD_KVM_INTEL, TO_MEMORY
+from harness.observe.kvm import AGENT, LOAD_KVM_INTEL, TO_MEMORY, AgentRun, AgentStep
 from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
 from harness.seam.abi import Leaf, SeamldrLeaf
@@ -126,6 +126,38 @@ def records_since(machine: Machine, start: int) -> list[TraceRecord]:
 
 def vp_entries(records: list[TraceRecord]) -> list[TraceRecord]:
     return [r for r in records if r.number == Leaf.TDH_VP_ENTER]
+
+
+PAUSED, RESUME = "/tmp/tdx-agent.paused", "/tmp/tdx-agent.resume"  # tdx-agent.c's pause step
+AGENT_OUT = "/tmp/tdx-agent.out"
+
+
+def start_paused_agent(machine: Machine, steps: list[str]) -> None:
+    """Start the agent in the background on ``steps``, one of them "pause", and return once it
+    waits there (holding whatever the steps before built); resume_agent() lets it go on."""
+    started = machine.run(f"rm -f {PAUSED} {RESUME}; {AGENT} {' '.join(steps)} > {AGENT_OUT} 2>&1 & "
+                          f"agent=$!; i=0; while [ ! -e {PAUSED} ] && [ $i -lt 3000 ]; do sleep 0.2; "
+                          f"i=$((i+1)); done; [ -e {PAUSED} ]", KVM_TIMEOUT)
+    assert started.status == 0, f"the agent never paused: {machine.run(f'cat {AGENT_OUT}', 30).output}"
+
+
+def resume_agent(machine: Machine, steps: list[str]) -> AgentRun:
+    """Let the paused agent of start_paused_agent() finish; its run, every step reported."""
+    ended = machine.run(f"touch {RESUME}; wait $agent; cat {AGENT_OUT}", KVM_TIMEOUT)
+    results = [AgentStep.parse(line) for line in ended.output.splitlines() if line.startswith("{")]
+    assert [r.step for r in results] == [step.split(":")[0] for step in steps], ended.output
+    return AgentRun(" ".join([AGENT, *steps]), results)
+
+
+def tdx_misc_capacity(machine: Machine) -> int:
+    """The misc cgroup's "tdx" capacity (0 when the root's misc.capacity has no tdx line). The
+    root's misc files appear once the controller is enabled for a child."""
+    mounted = machine.run("grep -q '^none /sys/fs/cgroup cgroup2' /proc/mounts || "
+                          "{ mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && "
+                          "echo +misc > /sys/fs/cgroup/cgroup.subtree_control; }", KVM_TIMEOUT)
+    assert mounted.status == 0, mounted.output
+    capacity = machine.run("cat /sys/fs/cgroup/misc.capacity", KVM_TIMEOUT).output.split()
+    return int(capacity[capacity.index("tdx") + 1]) if "tdx" in capacity else 0
 
 
 def assert_no_td_left(machine: Machine) -> None:
