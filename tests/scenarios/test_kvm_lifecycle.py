@@ -12,6 +12,9 @@ a reference of its own) and vmx_exit() (tdx_hardware_unsetup(): the misc cgroup'
 0). None of it issues a SEAMCALL: TDH.SYS.* teardown is the core's, at reboot. Loading again
 (tdx_hardware_setup()) takes the core's cached tdx_get_sysinfo(): no SEAMCALL either. kvm itself
 is built in (LOAD_KVM_INTEL): only kvm_intel comes and goes.
+
+A TD alive across kexec or a crash is left to the next kernel's TDH.SYS.INIT; what the dying
+kernel issues first is read from the shutdown and crash paths named in each scenario.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import os
 
 import pytest
 from checks import (
+    CRASHKERNEL,
     FINALIZED,
     KVM_TIMEOUT,
+    assert_initialized,
     assert_no_td_left,
+    console_log,
+    crash_records,
     kernel_log,
     kvm_machine,
     records_since,
@@ -33,6 +40,9 @@ from checks import (
 )
 
 from harness.machine.base import Machine
+from harness.machine.transitions import CrashDump, Kexec, run_steps
+from harness.observe import patterns
+from harness.observe.crash import classify, unexpected
 from harness.observe.kvm import (
     LOAD_KVM_INTEL,
     TD_MD_FIELD_ID_CPUID_VALUES,
@@ -162,4 +172,63 @@ def test_kvm_intel_unload_refused_while_a_td_lives(vmx_boot):
     assert not run.failed(), run.failed()
     assert_no_td_left(machine)
     unload_kvm_intel(machine)
+    kernel_log(machine)
+
+
+def test_kexec_with_a_td_alive_flushes_its_vcpu_then_disables_the_module(vmx_boot):
+    """kexec -e while the paused agent holds a finalized TD. syscore_shutdown() runs the
+    .shutdown ops in reverse registration order: KVM's (registered when kvm_intel loaded) before
+    the TDX core's (at boot). kvm_shutdown() sets virt_rebooting and disables virtualization on
+    each CPU, where tdx_disable_virtualization_cpu() flushes the vCPU associated with it
+    (TDH.VP.FLUSH); then tdx_shutdown() issues TDH.SYS.DISABLE. Nothing tears the TD down. The
+    next kernel initializes the module from TDH.SYS.INIT, which starts it afresh without the old
+    TD, and runs a TD's whole life once kvm_intel is loaded again."""
+    machine = kvm_machine(vmx_boot, append="retain_initrd")  # the initramfs Kexec() boots again
+    steps = [*FINALIZED, "pause", "destroy"]
+    start_paused_agent(machine, steps)
+    [td] = machine.module.state.tds.values()
+    [kexec] = run_steps(machine, [Kexec()])
+    dying = [(r.leaf, r.inputs["rcx"] if r.number == Leaf.TDH_VP_FLUSH else None, r.status)
+             for r in records_since(machine, kexec.trace_start) if r.boot == kexec.boots_before]
+    expected = [("TDH.VP.FLUSH", td.vcpus[0], 0), ("TDH.SYS.DISABLE", None, 0)]
+    assert dying == expected, f"the old kernel's last SEAMCALLs: {dying}, expected {expected}"
+    assert kexec.boots_after == kexec.boots_before + 1, "kexec did not boot a new kernel"
+    assert_initialized(machine, kexec.boots_after)
+    assert_no_td_left(machine)
+    # The old kernel: KVM left virtualization before the new kernel started, without trouble.
+    console = console_log(machine)
+    exiting, starting = console.find(patterns.KVM_EXITING_VIRTUALIZATION), console.find(patterns.KEXEC_STARTING)
+    assert exiting is not None and starting is not None, "no KVM shutdown or no kexec start on the console"
+    assert console.records.index(exiting) < console.records.index(starting), \
+        "KVM's shutdown message came after the new kernel started"
+    surprises = unexpected(classify(console.records))
+    assert not surprises, f"kernel trouble on the console across the kexec: {surprises}"
+    load_kvm_intel(machine)
+    run = run_agent(machine, [*FINALIZED, "destroy"], KVM_TIMEOUT)
+    assert not run.failed(), f"TD life after the kexec: {run.failed()}"
+    assert_no_td_left(machine)
+    kernel_log(machine)
+
+
+def test_kdump_with_a_td_alive_disables_the_module_and_the_capture_kernel_runs_a_td(vmx_boot):
+    """A panic while the paused agent holds a finalized TD: native_machine_crash_shutdown()
+    issues TDH.SYS.DISABLE, then x86_virt_emergency_disable_virtualization_cpu() runs KVM's
+    emergency callback (vmx_emergency_disable_virtualization_cpu(): VMCLEAR only) and VMXOFF, so
+    the dying kernel's only SEAMCALL is SYS.DISABLE: no TDH.VP.FLUSH, no teardown. The capture
+    kernel initializes the module afresh and runs a TD's whole life once kvm_intel is loaded."""
+    # The capture kernel boots the retained initramfs, in the crashkernel reservation.
+    machine = kvm_machine(vmx_boot, memory="2G", append=f"{CRASHKERNEL} retain_initrd")
+    steps = [*FINALIZED, "pause", "destroy"]
+    start_paused_agent(machine, steps)
+    [crash] = run_steps(machine, [CrashDump()])
+    crashing, _ = crash_records(crash, machine)
+    calls = [(r.leaf, r.status) for r in crashing]
+    assert calls == [("TDH.SYS.DISABLE", 0)], f"the crashing kernel's SEAMCALLs: {calls}, expected SYS.DISABLE only"
+    assert crash.boots_after == crash.boots_before + 1, "no capture kernel booted"
+    assert_initialized(machine, crash.boots_after)
+    assert_no_td_left(machine)
+    load_kvm_intel(machine)
+    run = run_agent(machine, [*FINALIZED, "destroy"], KVM_TIMEOUT)
+    assert not run.failed(), f"TD life in the capture kernel: {run.failed()}"
+    assert_no_td_left(machine)
     kernel_log(machine)
