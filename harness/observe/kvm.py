@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from harness.machine.console import CommandResult
 from harness.seam import abi
-from harness.seam.platform import CpuidConfig, PlatformConfig
+from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
 
 AGENT = "tdx-agent"
 # kvm-intel.ko has no module dependencies in this config (kvm and irqbypass are built in): insmod
 # works whether or not the build host ran depmod.
 LOAD_KVM_INTEL = "insmod /lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko tdx=1"
+UNLOAD_KVM_INTEL = "rmmod kvm_intel"
 # The documented order up to a TD with one initialized vCPU and private memory at GPA 0
 # (Documentation/virt/kvm/x86/intel-tdx.rst, with SET_CPUID2 before INIT_VCPU as tdx.c needs).
 TO_MEMORY = ("create_vm", "x2apic_api", "split_irqchip", "capabilities", "init_vm", "create_vcpu",
@@ -164,6 +165,7 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+    flags: int = 0
 
 
 def supported_attrs(platform: PlatformConfig) -> int:
@@ -243,3 +245,76 @@ def map_gpa_exits(gpa: int, size: int, gpaw: int) -> list[MapGpaExit]:
     attributes = KVM_MAP_GPA_RANGE_DECRYPTED if gpa & bit else KVM_MAP_GPA_RANGE_ENCRYPTED
     return [MapGpaExit(at & ~bit, min(TDX_MAP_GPA_MAX_LEN, gpa + size - at) // PAGE_SIZE, attributes)
             for at in range(gpa, gpa + size, TDX_MAP_GPA_MAX_LEN)]
+
+
+# --- KVM_TDX_GET_CPUID (tdx.c: tdx_vcpu_get_cpuid, tdx_vcpu_get_cpuid_leaf, tdx_read_cpuid) -------
+
+TD_MD_FIELD_ID_CPUID_VALUES = 0x9410000300000000  # tdx_arch.h: TDH.MNG.RD's field, leaf/subleaf ORed in
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+KVM_MAX_CPUID_ENTRIES = 256
+TDX_MD_UNREADABLE_LEAF_MASK = 0x7FFFFF80  # GENMASK(30, 7): leaf bits the field cannot name
+TDX_MD_UNREADABLE_SUBLEAF_MASK = 0xFFFFFF80  # GENMASK(31, 7)
+
+
+@dataclass(frozen=True)
+class CpuidReadback:
+    """What KVM_TDX_GET_CPUID gathers from the TD's CPUID: the entries (in KVM's order), the
+    TDH.MNG.RD field ids it reads with whether each read succeeded, and its errno (0 or -EIO)."""
+
+    entries: list[CpuidEntry]
+    reads: list[tuple[int, bool]]
+    error: int = 0
+
+    def answer(self, nent: int) -> tuple[int, int]:
+        """The ioctl's return and the nent it writes back for a buffer of ``nent`` entries:
+        -E2BIG with the count it needs when they do not fit."""
+        if self.error:
+            return self.error, nent
+        return (-errno.E2BIG if nent < len(self.entries) else 0), len(self.entries)
+
+
+def td_cpuid_readback(td_cpuid: Mapping[tuple[int, int], CpuidValue], gpaw: int) -> CpuidReadback:
+    """tdx_vcpu_get_cpuid() over a TD whose module answers TDH.MNG.RD of CPUID_VALUES from
+    ``td_cpuid`` ((leaf, subleaf or KVM_TDX_CPUID_NO_SUBLEAF) -> value; any other field fails):
+    leaves 0..CPUID(0).EAX and 0x80000000..CPUID(0x80000000).EAX, each read without a subleaf
+    first and, if that fails, subleaf by subleaf until one fails."""
+    entries: list[CpuidEntry] = []
+    reads: list[tuple[int, bool]] = []
+
+    def read(leaf: int, subleaf: int, subleaf_set: bool) -> int:  # tdx_read_cpuid()
+        if subleaf > 0x7F or len(entries) >= KVM_MAX_CPUID_ENTRIES:
+            return -errno.EINVAL
+        if leaf & TDX_MD_UNREADABLE_LEAF_MASK or subleaf & TDX_MD_UNREADABLE_SUBLEAF_MASK:
+            return -errno.EINVAL
+        key = (leaf, subleaf if subleaf_set else KVM_TDX_CPUID_NO_SUBLEAF)
+        field = TD_MD_FIELD_ID_CPUID_VALUES | abi.cpuid_field_code(*key, 0)
+        value = td_cpuid.get(key)
+        reads.append((field, value is not None))
+        if value is None:
+            return -errno.EIO
+        reads.append((field | 1, True))  # EDX:ECX, read once EBX:EAX was
+        eax = value.eax
+        if leaf == 0x80000008:  # the guest MAXPA KVM derives from the shared bit: the GPAW
+            eax = (eax & ~(0xFF << GPAW_SHIFT)) | shared_bit(gpaw).bit_length() << GPAW_SHIFT
+        entries.append(CpuidEntry(leaf, subleaf, eax, value.ebx, value.ecx, value.edx,
+                                  KVM_CPUID_FLAG_SIGNIFCANT_INDEX if subleaf_set else 0))
+        return 0
+
+    def read_leaf(leaf: int) -> int:  # tdx_vcpu_get_cpuid_leaf(): nonzero when nothing was read
+        ret = read(leaf, 0, False)
+        if ret != -errno.EIO:
+            return ret
+        subleaf = 0
+        while not read(leaf, subleaf, True):
+            subleaf += 1
+        return int(not subleaf)
+
+    for first in (0, 0x80000000):
+        if read_leaf(first):
+            return CpuidReadback(entries, reads, -errno.EIO)
+        # The range's highest leaf: the first entry's EAX for the basic range, the last one's
+        # (what 0x80000000 just gave) for the extended range.
+        level = entries[0].eax if first == 0 else entries[-1].eax
+        for leaf in range(first + 1, level + 1):
+            read_leaf(leaf)
+    return CpuidReadback(entries, reads)

@@ -26,6 +26,8 @@ RESERVED_EXHAUSTED = re.compile(r"virt/tdx: initialization failed: TDMR \[0x[0-9
 RBP_CLOBBER = re.compile(r"virt/tdx: frame pointer \(RBP\) clobber bug present, upgrade TDX module")
 SYS_DISABLE_FAILED = re.compile(rf"virt/tdx: TDH\.SYS\.DISABLE failed: (?P<status>{_HEX})")
 KEXEC_STARTING = re.compile(r"kexec_core: Starting new kernel")
+# virt/kvm/kvm_main.c kvm_shutdown(): KVM's syscore .shutdown (reboot, kexec) with kvm_intel loaded.
+KVM_EXITING_VIRTUALIZATION = re.compile(r"kvm: exiting hardware virtualization")
 # arch/x86/kernel/cpu/topology.c: a capture kernel booted on an AP leaves the BSP out.
 REAL_BSP_DISABLED = re.compile(r"Crash kernel detected\. Disabling real BSP to prevent machine INIT")
 SUSPEND_ENTRY = re.compile(r"PM: suspend entry \((?P<mode>\w+)\)")  # kernel/power/suspend.c

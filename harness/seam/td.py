@@ -316,16 +316,17 @@ def mng_init(seam: Seam, call: Call) -> int:
     return 0
 
 
-def _td_cpuid(stored: dict[CpuidKey, CpuidValue]) -> dict[tuple[int, int], CpuidValue]:
+def _td_cpuid(stored: dict[CpuidKey, CpuidValue]) -> dict[CpuidKey, CpuidValue]:
     """The TD's virtual CPUID as far as the model knows it: the CPUID_CONFIG leaves as
-    TDH.MNG.INIT stored them, and leaves 0 and 0x80000000 giving the highest of those leaves in
-    each range (the module's own values for 0 and 0x80000000, FIXED1 0x23 and 0x80000008, are not
-    modelled, nor are the leaves it virtualizes outside CPUID_CONFIG)."""
-    values = {(leaf, 0 if subleaf == abi.CPUID_NO_SUBLEAF else subleaf): v for (leaf, subleaf), v in stored.items()}
+    TDH.MNG.INIT stored them, and leaves 0 and 0x80000000 (no subleaf) giving the highest of those
+    leaves in each range (the module's own values for 0 and 0x80000000, FIXED1 0x23 and
+    0x80000008, are not modelled, nor are the leaves it virtualizes outside CPUID_CONFIG). Keyed
+    as the module's cpuid_lookup[] is: a leaf without subleaves under CPUID_NO_SUBLEAF."""
+    values = dict(stored)
     basic = [leaf for leaf, _ in values if leaf < 0x80000000]
     extended = [leaf for leaf, _ in values if leaf >= 0x80000000]
-    values.setdefault((0, 0), CpuidValue(eax=max(basic, default=0)))
-    values.setdefault((0x80000000, 0), CpuidValue(eax=max(extended, default=0x80000000)))
+    values.setdefault((0, abi.CPUID_NO_SUBLEAF), CpuidValue(eax=max(basic, default=0)))
+    values.setdefault((0x80000000, abi.CPUID_NO_SUBLEAF), CpuidValue(eax=max(extended, default=0x80000000)))
     return values
 
 
@@ -539,10 +540,12 @@ def _td_field(td: Td, key: tuple[bool, int, int]) -> int | None:
 
 
 def _cpuid_field(td: Td, code: int) -> int | None:
+    """metadata_td.c md_td_get_element(): the field names a (leaf, subleaf) of the lookup table,
+    SUBLEAF_NA only a leaf without subleaves, so a leaf with subleaves is read one at a time."""
     if code >> 17:
         return None
     leaf = ((code >> 9) & 0x7F) | (0x80000000 if code >> 16 & 1 else 0)
-    subleaf = 0 if code >> 8 & 1 else (code >> 1) & 0x7F
+    subleaf = abi.CPUID_NO_SUBLEAF if code >> 8 & 1 else (code >> 1) & 0x7F
     value = td.cpuid.get((leaf, subleaf))
     if value is None:
         return None

@@ -24,6 +24,8 @@
  *   set_cpuid[:maxpa=N]         KVM_SET_CPUID2 with KVM_GET_SUPPORTED_CPUID (x2APIC included);
  *                               maxpa puts N in 0x80000008.EAX[7:0], as a VMM's phys-bits does
  *   init_vcpu[:rcx=R]           KVM_TDX_INIT_VCPU
+ *   get_cpuid[:nent=N]          KVM_TDX_GET_CPUID on the vCPU (N entries offered; default 256):
+ *                               the nent KVM reports and, on success, the entries
  *   memory[:gpa=G][:size=S][:private=1]
  *                               KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2 and
  *                               KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) over [G, G+S)
@@ -277,9 +279,9 @@ static char *entries_json(const struct kvm_cpuid_entry2 *e, unsigned n)
 	}
 	fputc('[', out);
 	for (unsigned i = 0; i < n; i++)
-		fprintf(out, "%s{\"function\": %u, \"index\": %u, \"eax\": %u, \"ebx\": %u, "
-			"\"ecx\": %u, \"edx\": %u}", i ? ", " : "", e[i].function, e[i].index,
-			e[i].eax, e[i].ebx, e[i].ecx, e[i].edx);
+		fprintf(out, "%s{\"function\": %u, \"index\": %u, \"flags\": %u, \"eax\": %u, "
+			"\"ebx\": %u, \"ecx\": %u, \"edx\": %u}", i ? ", " : "", e[i].function,
+			e[i].index, e[i].flags, e[i].eax, e[i].ebx, e[i].ecx, e[i].edx);
 	fputc(']', out);
 	fclose(out);
 	return text;
@@ -484,6 +486,20 @@ static void step_init_vcpu(const struct step *s)
 	ret = checked_ioctl(agent.vcpu, KVM_MEMORY_ENCRYPT_OP, &cmd, &err);
 	hw_error = cmd.hw_error;
 	report(s, "KVM_TDX_INIT_VCPU", ret, err, hw_error, NULL);
+}
+
+static void step_get_cpuid(const struct step *s)
+{
+	struct kvm_cpuid2 *cpuid;
+	uint64_t hw_error;
+	int err;
+	void *buf = with_cpuid(0, (unsigned)arg_or(s, "nent", MAX_ENTRIES), &cpuid);
+	long ret = tdx_op(s, agent.vcpu, KVM_TDX_GET_CPUID, cpuid, &hw_error, &err);
+	/* On -E2BIG KVM writes back only nent, the count it needs. */
+	char *entries = entries_json(cpuid->entries, ret == 0 ? cpuid->nent : 0);
+	report(s, "KVM_TDX_GET_CPUID", ret, err, hw_error, ", \"nent\": %u, \"cpuid\": %s", cpuid->nent, entries);
+	free(entries);
+	free(buf);
 }
 
 static void step_memory(const struct step *s)
@@ -778,6 +794,7 @@ static const struct {
 	{ "create_vcpu", step_create_vcpu },
 	{ "set_cpuid", step_set_cpuid },
 	{ "init_vcpu", step_init_vcpu },
+	{ "get_cpuid", step_get_cpuid },
 	{ "memory", step_memory },
 	{ "init_mem_region", step_init_mem_region },
 	{ "finalize", step_finalize },

@@ -12,15 +12,17 @@ from harness.deadline import Deadline
 from harness.machine.base import Machine
 from harness.machine.console import CommandResult
 from harness.machine.qemu import QemuMachine
+from harness.machine.transitions import StepRecord
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
-from harness.observe.kvm import LOAD_KVM_INTEL, TO_MEMORY
+from harness.observe.kvm import AGENT, LOAD_KVM_INTEL, TO_MEMORY, AgentRun, AgentStep
 from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
 from harness.seam.abi import Leaf, SeamldrLeaf
 from harness.seam.faults import FaultPlan, withheld
 from harness.seam.platform import PlatformConfig
+from harness.seam.state import SysState
 from harness.seam.trace import TraceRecord
 
 DMESG_TIMEOUT = 60.0
@@ -85,6 +87,33 @@ def assert_init_sequence(records: list[TraceRecord], apic_ids: list[int], packag
     assert key_packages == sorted(set(packages.values())), f"KEY.CONFIG on packages {key_packages}"
 
 
+def boot_records(machine: Machine, boot: int) -> list[TraceRecord]:
+    """The module trace of one kernel (numbered by the HELLOs the module saw)."""
+    return [r for r in machine.module.trace.records if r.boot == boot]
+
+
+def assert_initialized(machine: Machine, boot: int) -> None:
+    """Kernel ``boot`` initialized the module in tdx_enable()'s order, and it is ready."""
+    platform = machine.module.platform
+    assert_init_sequence(boot_records(machine, boot), [c.apic_id for c in platform.cpus],
+                         {c.apic_id: c.package for c in platform.cpus})
+    assert machine.module.state.sys is SysState.SYS_READY, f"module {machine.module.state.sys} after boot {boot}"
+
+
+def console_log(machine: QemuMachine) -> Timeline:
+    """Every kernel's messages as the console saw them (dmesg only holds the running kernel's)."""
+    return Timeline.from_console(machine.console_lines(), machine.console_log)
+
+
+CRASHKERNEL = "crashkernel=256M"
+
+
+def crash_records(step: StepRecord, machine: Machine) -> tuple[list[TraceRecord], list[TraceRecord]]:
+    """A CrashDump step's trace: the crashing kernel's part, then the capture kernel's."""
+    records = machine.module.trace.records[step.trace_start:step.trace_end]
+    return ([r for r in records if r.boot == step.boots_before], [r for r in records if r.boot == step.boots_after])
+
+
 def kvm_takes_tdx(platform: PlatformConfig) -> bool:
     """Whether kvm_intel tdx=1 loads on this module: __tdx_hardware_setup() (arch/x86/kvm/vmx/
     tdx.c) refuses, and the load fails with -EINVAL, without TOPOLOGY_ENUM in TDX_FEATURES0
@@ -103,10 +132,10 @@ def assert_kvm_refused_tdx(machine: Machine, load: CommandResult) -> None:
 KVM_TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a TD page costs 17 of them
 
 
-def kvm_machine(vmx_boot, faults: FaultPlan | None = None) -> Machine:
-    """A VMX machine with kvm_intel loaded with tdx=1; skips (after checking the refusal) on a
-    module release KVM does not take."""
-    machine = vmx_boot(faults=faults)
+def kvm_machine(vmx_boot, faults: FaultPlan | None = None, **options: str) -> Machine:
+    """A VMX machine (``options``: vmx_boot's memory, append) with kvm_intel loaded with tdx=1;
+    skips (after checking the refusal) on a module release KVM does not take."""
+    machine = vmx_boot(faults=faults, **options)
     loaded = machine.run(LOAD_KVM_INTEL, KVM_TIMEOUT)
     if not kvm_takes_tdx(machine.module.platform):
         assert_kvm_refused_tdx(machine, loaded)
@@ -126,6 +155,38 @@ def records_since(machine: Machine, start: int) -> list[TraceRecord]:
 
 def vp_entries(records: list[TraceRecord]) -> list[TraceRecord]:
     return [r for r in records if r.number == Leaf.TDH_VP_ENTER]
+
+
+PAUSED, RESUME = "/tmp/tdx-agent.paused", "/tmp/tdx-agent.resume"  # tdx-agent.c's pause step
+AGENT_OUT = "/tmp/tdx-agent.out"
+
+
+def start_paused_agent(machine: Machine, steps: list[str]) -> None:
+    """Start the agent in the background on ``steps``, one of them "pause", and return once it
+    waits there (holding whatever the steps before built); resume_agent() lets it go on."""
+    started = machine.run(f"rm -f {PAUSED} {RESUME}; {AGENT} {' '.join(steps)} > {AGENT_OUT} 2>&1 & "
+                          f"agent=$!; i=0; while [ ! -e {PAUSED} ] && [ $i -lt 3000 ]; do sleep 0.2; "
+                          f"i=$((i+1)); done; [ -e {PAUSED} ]", KVM_TIMEOUT)
+    assert started.status == 0, f"the agent never paused: {machine.run(f'cat {AGENT_OUT}', 30).output}"
+
+
+def resume_agent(machine: Machine, steps: list[str]) -> AgentRun:
+    """Let the paused agent of start_paused_agent() finish; its run, every step reported."""
+    ended = machine.run(f"touch {RESUME}; wait $agent; cat {AGENT_OUT}", KVM_TIMEOUT)
+    results = [AgentStep.parse(line) for line in ended.output.splitlines() if line.startswith("{")]
+    assert [r.step for r in results] == [step.split(":")[0] for step in steps], ended.output
+    return AgentRun(" ".join([AGENT, *steps]), results)
+
+
+def tdx_misc_capacity(machine: Machine) -> int:
+    """The misc cgroup's "tdx" capacity (0 when the root's misc.capacity has no tdx line). The
+    root's misc files appear once the controller is enabled for a child."""
+    mounted = machine.run("grep -q '^none /sys/fs/cgroup cgroup2' /proc/mounts || "
+                          "{ mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && "
+                          "echo +misc > /sys/fs/cgroup/cgroup.subtree_control; }", KVM_TIMEOUT)
+    assert mounted.status == 0, mounted.output
+    capacity = machine.run("cat /sys/fs/cgroup/misc.capacity", KVM_TIMEOUT).output.split()
+    return int(capacity[capacity.index("tdx") + 1]) if "tdx" in capacity else 0
 
 
 def assert_no_td_left(machine: Machine) -> None:

@@ -16,42 +16,22 @@ from __future__ import annotations
 import errno
 
 import pytest
-from checks import assert_init_sequence, kernel_log
+from checks import CRASHKERNEL, assert_initialized, boot_records, console_log, crash_records, kernel_log
 
 from harness.machine.qemu import QemuConfig, QemuMachine
-from harness.machine.transitions import CrashDump, Kexec, Reboot, SetCpu, StepRecord, run_steps
+from harness.machine.transitions import CrashDump, Kexec, Reboot, SetCpu, run_steps
 from harness.observe import patterns
 from harness.observe.crash import Crash
-from harness.observe.dmesg import Timeline
 from harness.seam.abi import Leaf, Status
 from harness.seam.faults import FaultPlan, FaultRule
-from harness.seam.state import SysState
-from harness.seam.trace import TraceRecord
 
 FAILURES = (Crash.SEAMCALL_FAILED, Crash.TDX_INIT_FAILED)
-
-
-def boot_records(machine: QemuMachine, boot: int) -> list[TraceRecord]:
-    """The module trace of one kernel (numbered by the HELLOs the module saw)."""
-    return [r for r in machine.module.trace.records if r.boot == boot]
-
-
-def assert_initialized(machine: QemuMachine, boot: int) -> None:
-    platform = machine.module.platform
-    assert_init_sequence(boot_records(machine, boot), [c.apic_id for c in platform.cpus],
-                         {c.apic_id: c.package for c in platform.cpus})
-    assert machine.module.state.sys is SysState.SYS_READY
 
 
 def assert_ends_with_sys_disable(machine: QemuMachine, boot: int) -> None:
     last = boot_records(machine, boot)[-1]
     assert (last.leaf, last.status) == ("TDH.SYS.DISABLE", 0), \
         f"boot {boot} ended with {last.leaf} -> {last.status_name}, expected TDH.SYS.DISABLE -> success"
-
-
-def console_log(machine: QemuMachine) -> Timeline:
-    """Every kernel's messages as the console saw them (dmesg only holds the running kernel's)."""
-    return Timeline.from_console(machine.console_lines(), machine.console_log)
 
 
 def test_reboot_disables_module_and_next_boot_initializes_it(boot):
@@ -149,14 +129,6 @@ def test_kexec_with_a_cpu_offline(boot):
     assert_ends_with_sys_disable(machine, kexec.boots_before)
     assert_initialized(machine, kexec.boots_after)
     assert machine.run("cat /sys/devices/system/cpu/online", 30).output.strip() == "0-1"
-
-
-CRASHKERNEL = "crashkernel=256M"
-
-
-def crash_records(step: StepRecord, machine: QemuMachine) -> tuple[list[TraceRecord], list[TraceRecord]]:
-    records = machine.module.trace.records[step.trace_start:step.trace_end]
-    return ([r for r in records if r.boot == step.boots_before], [r for r in records if r.boot == step.boots_after])
 
 
 def test_kdump_disables_module_and_capture_kernel_initializes_it(boot):

@@ -13,7 +13,16 @@ import errno
 import hashlib
 
 import pytest
-from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
+from checks import (
+    FINALIZED,
+    KVM_TIMEOUT,
+    assert_no_td_left,
+    kernel_log,
+    kvm_machine,
+    records_since,
+    tdx_misc_capacity,
+    vp_entries,
+)
 
 from harness.observe import patterns
 from harness.observe.kvm import (
@@ -105,12 +114,7 @@ def test_kvm_capabilities_match_the_module_and_cgroup_capacity(vmx_boot):
     # CAPABILITIES answers from what the core read at boot: no SEAMCALL.
     assert [r.leaf for r in records_since(machine, start)] == []
     # The misc cgroup's tdx capacity is the guest KeyIDs: the TDX range less the global KeyID.
-    # (The root's misc files appear once the controller is enabled for a child.)
-    mounted = machine.run("mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && "
-                          "echo +misc > /sys/fs/cgroup/cgroup.subtree_control", TIMEOUT)
-    assert mounted.status == 0, mounted.output
-    capacity = machine.run("cat /sys/fs/cgroup/misc.capacity", TIMEOUT).output.split()
-    assert capacity[capacity.index("tdx") + 1] == str(platform.nr_tdx_keyids - 1), capacity
+    assert tdx_misc_capacity(machine) == platform.nr_tdx_keyids - 1
 
 
 def test_kvm_full_flow_to_finalize_measures_and_tears_down(vmx_boot):

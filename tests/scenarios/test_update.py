@@ -19,12 +19,20 @@ import errno
 import os
 
 import pytest
-from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, load_tdx_host
+from checks import (
+    KVM_TIMEOUT,
+    assert_no_td_left,
+    kernel_log,
+    kvm_machine,
+    load_tdx_host,
+    resume_agent,
+    start_paused_agent,
+)
 
 from harness.machine.qemu import QemuConfig
 from harness.observe import patterns, tdx_host
 from harness.observe.crash import Crash, classify
-from harness.observe.kvm import AGENT, TO_MEMORY, AgentStep, run_agent
+from harness.observe.kvm import TO_MEMORY, run_agent
 from harness.seam import image
 from harness.seam.abi import Leaf, SeamldrLeaf, SeamldrStatus, Status
 from harness.seam.faults import FaultRule
@@ -277,10 +285,6 @@ def test_update_with_a_cpu_offline(boot):
     log.expect_absent(patterns.SEAMCALL_FAILED)
 
 
-PAUSED, RESUME = "/tmp/tdx-agent.paused", "/tmp/tdx-agent.resume"  # tdx-agent.c's pause step
-AGENT_OUT = "/tmp/tdx-agent.out"
-
-
 @pytest.mark.vmx
 @pytest.mark.slow
 def test_update_keeps_a_td_built_before_it(vmx_boot):
@@ -289,10 +293,7 @@ def test_update_keeps_a_td_built_before_it(vmx_boot):
     module without a failed SEAMCALL."""
     machine = with_tdx_host(kvm_machine(vmx_boot))
     steps = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize", "pause", "destroy"]
-    started = machine.run(f"rm -f {PAUSED} {RESUME}; {AGENT} {' '.join(steps)} > {AGENT_OUT} 2>&1 & "
-                          f"agent=$!; i=0; while [ ! -e {PAUSED} ] && [ $i -lt 3000 ]; do sleep 0.2; "
-                          f"i=$((i+1)); done; [ -e {PAUSED} ]", KVM_TIMEOUT)
-    assert started.status == 0, f"the agent never paused: {machine.run(f'cat {AGENT_OUT}', 30).output}"
+    start_paused_agent(machine, steps)
     state = machine.module.state
     tds, pages, kot = set(state.tds), dict(state.pages), dict(state.kot)
     assert tds, "no TD in the module while the agent holds one"
@@ -303,10 +304,8 @@ def test_update_keeps_a_td_built_before_it(vmx_boot):
     state = machine.module.state
     assert (set(state.tds), state.pages, state.kot) == (tds, pages, kot)
     assert machine.module.seam.loader.running == target
-    ended = machine.run(f"touch {RESUME}; wait $agent; cat {AGENT_OUT}", KVM_TIMEOUT)
-    results = [AgentStep.parse(line) for line in ended.output.splitlines() if line.startswith("{")]
-    assert [r.step for r in results] == [step.split(":")[0] for step in steps], ended.output
-    assert not [r for r in results if not r.ok], ended.output
+    run = resume_agent(machine, steps)
+    assert not run.failed(), run.failed()
     failed = [(r.leaf, r.status_name) for r in machine.module.trace.records[before:]
               if r.status and not r.fn & (1 << 63)]
     assert not failed, f"SEAMCALLs failed after the update: {failed}"

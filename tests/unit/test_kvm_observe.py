@@ -11,6 +11,7 @@ import pytest
 
 from harness.machine.console import CommandResult
 from harness.observe.kvm import (
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_IO_IN,
@@ -20,6 +21,8 @@ from harness.observe.kvm import (
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_SUPPORTED_TD_ATTRS,
     KVM_SYSTEM_EVENT_TDX_FATAL,
+    KVM_TDX_CPUID_NO_SUBLEAF,
+    TD_MD_FIELD_ID_CPUID_VALUES,
     VCPU_REGS_R12,
     AgentError,
     CpuidEntry,
@@ -31,9 +34,10 @@ from harness.observe.kvm import (
     shared_bit,
     supported_attrs,
     supported_xfam,
+    td_cpuid_readback,
 )
 from harness.seam import abi
-from harness.seam.platform import CpuidConfig, PlatformConfig
+from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
 
 FLOW = Path(__file__).parent.parent / "data" / "tdx-agent-flow.jsonl"
 RUN = FLOW.with_name("tdx-agent-run.jsonl")
@@ -133,3 +137,50 @@ def test_map_gpa_goes_to_userspace_in_2m_pieces_without_the_shared_bit():
         MapGpaExit(0x400000, 512, KVM_MAP_GPA_RANGE_DECRYPTED), MapGpaExit(0x600000, 256, KVM_MAP_GPA_RANGE_DECRYPTED)]
     assert map_gpa_exits(0x400000, 0x1000, gpaw=48) == [MapGpaExit(0x400000, 1, KVM_MAP_GPA_RANGE_ENCRYPTED)]
     assert shared_bit(52) == 1 << 51
+
+
+# --- KVM_TDX_GET_CPUID (tdx.c tdx_vcpu_get_cpuid(), tdx_read_cpuid()) -----------------------------
+
+NA = KVM_TDX_CPUID_NO_SUBLEAF
+
+
+def field(leaf: int, subleaf: int, element: int = 0) -> int:
+    return TD_MD_FIELD_ID_CPUID_VALUES | abi.cpuid_field_code(leaf, subleaf, element)
+
+
+def test_get_cpuid_reads_each_leaf_without_a_subleaf_then_subleaf_by_subleaf():
+    """Leaves 0..7 and 0x80000000..0x80000008: a leaf the TD lacks costs two failed reads (no
+    subleaf, then subleaf 0), leaf 7 one failed read then its subleaves until 7.2 fails; the
+    subleaves carry SIGNIFCANT_INDEX, and 0x80000008.EAX[23:16] is the GPAW."""
+    td = {(0, NA): CpuidValue(eax=7), (1, NA): CpuidValue(1, 2, 3, 4), (7, 0): CpuidValue(eax=1, ebx=5),
+          (7, 1): CpuidValue(eax=6), (0x80000000, NA): CpuidValue(eax=0x80000008),
+          (0x80000008, NA): CpuidValue(eax=0x00FF302E, ebx=0x200)}
+    readback = td_cpuid_readback(td, gpaw=48)
+    significant = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    assert readback.entries == [CpuidEntry(0, 0, 7, 0, 0, 0), CpuidEntry(1, 0, 1, 2, 3, 4),
+                                CpuidEntry(7, 0, 1, 5, 0, 0, significant), CpuidEntry(7, 1, 6, 0, 0, 0, significant),
+                                CpuidEntry(0x80000000, 0, 0x80000008, 0, 0, 0),
+                                CpuidEntry(0x80000008, 0, 0x0030302E, 0x200, 0, 0)]
+    assert readback.reads[:4] == [(field(0, NA), True), (field(0, NA, 1), True), (field(1, NA), True),
+                                  (field(1, NA, 1), True)]
+    assert readback.reads[4:6] == [(field(2, NA), False), (field(2, 0), False)]
+    assert [r for r in readback.reads if r[0] & ~1 in (field(7, NA), field(7, 0), field(7, 1), field(7, 2))] == [
+        (field(7, NA), False), (field(7, 0), True), (field(7, 0, 1), True), (field(7, 1), True),
+        (field(7, 1, 1), True), (field(7, 2), False)]
+    # leaves 0 and 1, 2-6 missing, leaf 7's six, 0x80000000, 0x80000001-7 missing, 0x80000008
+    assert len(readback.reads) == 2 + 2 + 5 * 2 + 6 + 2 + 7 * 2 + 2
+    assert readback.answer(1) == (-errno.E2BIG, 6)
+    assert readback.answer(6) == (0, 6)
+
+
+def test_get_cpuid_leaves_the_field_cannot_name_unread_and_fails_without_leaf_0():
+    """tdx_read_cpuid(): leaves 0x80 and up are -EINVAL before any TDH.MNG.RD; without leaf 0
+    (or 0x80000000) the ioctl is -EIO and nent stays as offered."""
+    td = {(0, NA): CpuidValue(eax=0x81), (0x80000000, NA): CpuidValue(eax=0x80000000)}
+    readback = td_cpuid_readback(td, gpaw=48)
+    assert [e.function for e in readback.entries] == [0, 0x80000000]
+    assert len(readback.reads) == 2 + 0x7F * 2 + 2
+    assert readback.answer(256) == (0, 2)
+    missing = td_cpuid_readback({}, gpaw=48)
+    assert missing.answer(256) == (-errno.EIO, 256)
+    assert missing.reads == [(field(0, NA), False), (field(0, 0), False)]
