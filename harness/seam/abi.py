@@ -323,6 +323,9 @@ PAGE_SIZE_BYTES = {PageSize.PT_4KB: 4096, PageSize.PT_2MB: 2 << 20, PageSize.PT_
 SZ_4K = 4096
 SZ_1M = 1 << 20
 SZ_1G = 1 << 30
+# IA32_TME_CAPABILITY.MK_TME_MAX_KEYID_BITS is 4 bits wide: every KeyID, 0 included, fits in 15 bits
+# (the shim refuses a HELLO_ACK whose counts do not).
+MAX_KEYID_BITS = 15
 TDMR_INFO_ALIGNMENT = 512
 TDMR_INFO_PA_ARRAY_ALIGNMENT = 512
 TDMR_INFO_HEADER_SIZE = 64  # base, size, pamt_1g_base/size, pamt_2m_base/size, pamt_4k_base/size

@@ -181,6 +181,9 @@ class PlatformConfig:
             raise ValueError(f"duplicate APIC ids in {ids}")
         if self.nr_mktme_keyids < 0 or self.nr_tdx_keyids < 0:
             raise ValueError("KeyID counts must be >= 0")
+        if 1 + self.nr_mktme_keyids + self.nr_tdx_keyids > 1 << abi.MAX_KEYID_BITS:
+            raise ValueError(f"KeyID counts must fit in {abi.MAX_KEYID_BITS} bits with KeyID 0: "
+                             f"{self.nr_mktme_keyids} MKTME + {self.nr_tdx_keyids} TDX")
         if self.tdmr_init_chunk <= 0 or self.tdmr_init_chunk % abi.SZ_4K:
             raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
         if self.cache_wb_chunks < 1:

@@ -112,6 +112,7 @@ def test_an_unknown_release_is_refused_by_name():
 @pytest.mark.parametrize("changes, message", [
     ({"cpus": (LogicalCpu(0, 0), LogicalCpu(0, 0))}, "duplicate APIC ids"),
     ({"nr_tdx_keyids": -1}, "KeyID counts"),
+    ({"nr_mktme_keyids": 0, "nr_tdx_keyids": 1 << 15}, "fit in 15 bits"),
     ({"tdmr_init_chunk": 1000}, "tdmr_init_chunk"),
     ({"cache_wb_chunks": 0}, "cache_wb_chunks"),
     ({"lock_hold_s": -0.001}, "lock_hold_s"),
