@@ -55,6 +55,9 @@ class Leaf(enum.IntEnum):
     TDH_SYS_DISABLE = 69
 
 
+# The platform-scope leaves (TDH.SYS.*), which a TDH.SYS.DISABLE under way locks out.
+SYS_LEAVES = frozenset(leaf for leaf in Leaf if leaf.name.startswith("TDH_SYS_"))
+
 LEAF_NUMBER_MASK = 0xFFFF
 LEAF_VERSION_SHIFT = 16
 LEAF_VERSION_MASK = 0xFF

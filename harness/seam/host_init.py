@@ -142,11 +142,20 @@ def sys_tdmr_init(seam: Seam, call: Call) -> int:
 
 
 def sys_disable(seam: Seam, call: Call) -> int:
-    """No public module source implements it: the harness's reading of Linux is that the module
-    stops and may start over with TDH.SYS.INIT, a handoff for an update discarded."""
-    seam.state.sys = SysState.SYS_SHUTDOWN
-    seam.state.lp_initialized.clear()
-    seam.state.handoff = None
+    """No public module source implements it; the harness's reading of Linux's tdx_sys_disable():
+    a long-running leaf that takes ``platform.sys_disable_calls`` calls, answering
+    TDX_INTERRUPTED_RESUMABLE until the last, in any state (before init as after it, and again
+    after it finished). From its first call the module is shut down: meanwhile a new TDH.SYS.*
+    call is TDX_SYS_BUSY and any other TDX_SYS_SHUTDOWN (the dispatcher), and when it is done
+    the module may start over with TDH.SYS.INIT, a handoff for an update discarded."""
+    state = seam.state
+    state.sys = SysState.SYS_SHUTDOWN
+    state.disable_calls += 1
+    if state.disable_calls < seam.platform.sys_disable_calls:
+        return Status.TDX_INTERRUPTED_RESUMABLE
+    state.disable_calls = 0
+    state.lp_initialized.clear()
+    state.handoff = None
     return 0
 
 

@@ -192,6 +192,9 @@ class TdxModule:
         # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
         # module source implements DISABLE); after TDH.SYS.SHUTDOWN (the handoff is written) the
         # module takes LP.SHUTDOWN only, as the real one, and DISABLE (Linux's reboot path).
+        if self.state.disable_calls and number != Leaf.TDH_SYS_DISABLE:
+            # A teardown under way locks out new TDH.SYS.* calls (Linux's tdx_sys_disable() comment).
+            return Status.TDX_SYS_BUSY if number in abi.SYS_LEAVES else Status.TDX_SYS_SHUTDOWN
         if self.state.sys is SysState.SYS_SHUTDOWN and number not in (
                 _DISABLED_LEAVES if self.state.handoff is None else _HANDED_OFF_LEAVES):
             return Status.TDX_SYS_SHUTDOWN

@@ -167,6 +167,9 @@ class PlatformConfig:
     # TDH.PHYMEM.CACHE.WB writes back this many cache sub-blocks per call before answering
     # TDX_INTERRUPTED_RESUMABLE (1: one call does it all).
     cache_wb_chunks: int = 1
+    # TDH.SYS.DISABLE finishes in this many calls, the earlier ones answering
+    # TDX_INTERRUPTED_RESUMABLE (host_init.sys_disable(); 1: one call does it all).
+    sys_disable_calls: int = 1
     # Lock contention between LPs (locks.py): a leaf of cost 1 holds its locks this many seconds
     # of the module clock after it begins, and a call from another CPU meeting one of them gets
     # the module's busy status. 0: off (the transport's serialized calls never contend).
@@ -188,6 +191,8 @@ class PlatformConfig:
             raise ValueError("tdmr_init_chunk must be a positive multiple of 4 KiB")
         if self.cache_wb_chunks < 1:
             raise ValueError("cache_wb_chunks must be >= 1")
+        if self.sys_disable_calls < 1:
+            raise ValueError("sys_disable_calls must be >= 1")
         if self.lock_hold_s < 0:
             raise ValueError("lock_hold_s must be >= 0")
         strays = [d.apic_id for d in self.lp_deviations if d.apic_id not in ids]

@@ -186,6 +186,7 @@ class ModuleState:
     kot: dict[int, KeyState] = field(default_factory=dict)  # KeyIDs not free, by HKID
     wbinvd_pending: dict[int, set[int]] = field(default_factory=dict)  # HKID -> packages to write back
     wbcache: dict[int, WbCacheProgress] = field(default_factory=dict)  # by package
+    disable_calls: int = 0  # TDH.SYS.DISABLE calls of a teardown still under way (0: none)
 
     # Page ownership: what TDH.PHYMEM.PAGE.RDMD reports and the leaves check.
 

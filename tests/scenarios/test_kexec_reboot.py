@@ -56,6 +56,18 @@ def test_reboot_sys_disable_busy_is_retried(boot):
     kernel_log(machine).expect(patterns.INITIALIZED)
 
 
+def test_reboot_sys_disable_interrupted_is_resumed(boot, platform_config):
+    """A module whose SYS.DISABLE takes three calls (host_init.sys_disable()): the kernel calls
+    again on TDX_INTERRUPTED_RESUMABLE until it succeeds, and prints nothing."""
+    calls = 3
+    machine = boot(QemuConfig(), platform=platform_config(sys_disable_calls=calls))
+    run_steps(machine, [Reboot()])
+    disables = [r for r in boot_records(machine, 1) if r.number == Leaf.TDH_SYS_DISABLE]
+    assert [r.status for r in disables] == [Status.TDX_INTERRUPTED_RESUMABLE] * (calls - 1) + [0]
+    console_log(machine).expect_absent(patterns.SYS_DISABLE_FAILED)
+    kernel_log(machine).expect(patterns.INITIALIZED)
+
+
 def test_reboot_sys_disable_failure_is_printed_and_reboot_completes(boot):
     failure = Status.TDX_SYS_SHUTDOWN  # any status other than the two the kernel retries
     machine = boot(QemuConfig(), faults=FaultPlan([FaultRule(Leaf.TDH_SYS_DISABLE, failure, times=1)]))

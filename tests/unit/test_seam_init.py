@@ -147,6 +147,25 @@ def test_sys_disable_then_only_sys_init():
     assert module.boots == 1
 
 
+def test_sys_disable_runs_long_and_locks_out_new_sys_calls():
+    """TDH.SYS.DISABLE has no public source; the harness follows tdx_sys_disable()'s comment
+    (arch/x86/virt/vmx/tdx/tdx.c): TDX_INTERRUPTED_RESUMABLE guarantees progress between calls,
+    and a teardown under way makes new TDH.SYS.* calls TDX_SYS_BUSY. Other leaves see a module
+    that is shutting down; once done, SYS.INIT starts over."""
+    module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)]), sys_disable_calls=3))
+    assert replay_init(module, [(M, 2 * G)]).ok
+    mem = SparseMemory([(0, 2 * G)])
+    assert call(module, mem, 0, Leaf.TDH_SYS_DISABLE).status == Status.TDX_INTERRUPTED_RESUMABLE
+    assert call(module, mem, 0, Leaf.TDH_SYS_RD, rdx=Field.MAX_TDMRS).status == Status.TDX_SYS_BUSY
+    assert call(module, mem, 0, Leaf.TDH_SYS_INIT).status == Status.TDX_SYS_BUSY
+    assert call(module, mem, 0, Leaf.TDH_PHYMEM_PAGE_RDMD, rcx=M).status == Status.TDX_SYS_SHUTDOWN
+    assert [call(module, mem, 0, Leaf.TDH_SYS_DISABLE).status for _ in range(2)] == \
+        [Status.TDX_INTERRUPTED_RESUMABLE, 0]
+    assert call(module, mem, 0, Leaf.TDH_SYS_RD, rdx=Field.MAX_TDMRS).status == Status.TDX_SYS_SHUTDOWN
+    module.hello(2, 0)
+    assert replay_init(module, [(M, 2 * G)]).ok
+
+
 def test_reboot_without_disable_cannot_reinitialize_but_power_cycle_can():
     module = TdxModule(PlatformConfig(cmrs=cmrs_for_ram([(0, 2 * G)])))
     assert replay_init(module, [(M, 2 * G)]).ok
