@@ -599,7 +599,10 @@ EXIT_REASON_BASIC_MASK = 0xFFFF
 EXIT_REASON_FAILED_VMENTRY = 1 << 31  # exit reason bit 31 (the module's vmenter_fail)
 # VM-exit interruption information (RCX/R9 of an exception exit): vector, type, valid.
 INTR_INFO_VALID = 1 << 31
+INTR_TYPE_EXT_INTR = 0 << 8
+INTR_TYPE_NMI_INTR = 2 << 8
 INTR_TYPE_HARD_EXCEPTION = 3 << 8
+NMI_VECTOR = 2
 MC_VECTOR = 18
 EXIT_QUAL_SMI_MSMI = 1 << 0  # Other SMI: the SMI was a machine-check SMI
 EXIT_QUAL_NOTIFY_VM_CONTEXT_INVALID = 1 << 0  # Notify: the VM context is corrupted

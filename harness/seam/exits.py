@@ -127,6 +127,19 @@ def _async(case: abi.Status, reason: abi.ExitReason, description: str, qualifica
                   entry_failed=entry_failed, debug_recovers=debug_recovers)
 
 
+def external_interrupt(vector: int) -> TdExit:
+    """A host interrupt arrives while the guest runs: an ordinary TD exit (TDX_SUCCESS), R9 = the
+    interrupt's info; KVM runs the host's handler for ``vector`` and enters again."""
+    return _async(abi.Status.TDX_SUCCESS, abi.ExitReason.EXTERNAL_INTERRUPT, f"external interrupt {vector:#x}",
+                  intr_info=abi.INTR_INFO_VALID | abi.INTR_TYPE_EXT_INTR | vector)
+
+
+def nmi() -> TdExit:
+    """An NMI arrives while the guest runs: KVM hands it to the host's NMI handler and enters again."""
+    return _async(abi.Status.TDX_SUCCESS, abi.ExitReason.EXCEPTION_NMI, "NMI",
+                  intr_info=abi.INTR_INFO_VALID | abi.INTR_TYPE_NMI_INTR | abi.NMI_VECTOR)
+
+
 def triple_fault() -> TdExit:
     """The guest triple-faults (tdx_td_dispatcher.c, also helpers.c on a #PF over a pending #DF):
     TDX_NON_RECOVERABLE_VCPU, the vCPU is disabled and the TD lives on."""
