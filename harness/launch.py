@@ -26,6 +26,7 @@ from harness.images.initramfs import (
 from harness.kernel.build import BuildRequest, build, fragments, patch_series
 from harness.kernel.inspect import check_kernel
 from harness.kernel.source import debian_source, user_tree
+from harness.kernel.symbols import name_sites
 from harness.lock import file_lock
 from harness.machine.base import Boot
 from harness.machine.qemu import QemuConfig, QemuMachine
@@ -163,6 +164,7 @@ def start_machine(images: Images, config: QemuConfig, run_dir: Path, platform: P
     trace_file = open(run_dir / "seamcalls.jsonl", "w")
     module = TdxModule(platform_for(config, platform), faults or FaultPlan(), Trace(sink=trace_file))
     module.save_config(run_dir)
+    name_sites(module, images.kernel)
     if saved is not None:
         module.restore(saved.module)
         shutil.copy(saved.console_log, run_dir / "console.boot.log")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, ClassVar
 from harness import paths
 from harness.deadline import Deadline
 from harness.images.iso import IsoError, IsoRequest, build_iso
+from harness.kernel.symbols import name_sites
 from harness.machine.base import Boot, LaunchError, Machine, RunState
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, bochs_env, fetch_bochs
 from harness.machine.console import Console
@@ -526,6 +527,7 @@ def start_bochs_machine(images: Images, config: BochsConfig, run_dir: Path,
     trace_file = open(run_dir / "seamcalls.jsonl", "w")
     module = TdxModule(platform_for_bochs(config, platform), faults or FaultPlan(), Trace(sink=trace_file))
     module.save_config(run_dir)
+    name_sites(module, images.kernel)
     machine = BochsMachine(config, Boot(images.kernel, images.initrd, append), module, run_dir,
                            cache=cache or paths.cache_dir(), serve_module=serve_module, install=install)
     machine.start()

@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 
 from harness.seam.memory import PhysicalMemory
+from harness.seam.sites import RawSite
 from harness.seam.trace import REGISTERS
 
 NR_REGS = len(REGISTERS)
@@ -28,6 +29,7 @@ class SeamcallRequest:
     fn: int  # RAX: leaf number and version
     regs: tuple[int, ...] = (0,) * NR_REGS  # struct tdx_module_args order
     variant: Variant = Variant.SEAMCALL_RET
+    sites: tuple[RawSite, ...] = ()  # where the kernel issued it (the shim's CALL sites)
 
     def __post_init__(self) -> None:
         if len(self.regs) != NR_REGS:

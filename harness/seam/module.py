@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from harness.seam.faults import FaultPlan
 from harness.seam.memory import MemoryAccessError, PhysicalMemory
 from harness.seam.platform import PlatformConfig
 from harness.seam.profiles import MAX_LEAF_VERSION
+from harness.seam.sites import RawSite, raw_site
 from harness.seam.state import Handler, LoaderState, ModuleState, Seam, SysState
 from harness.seam.trace import REGISTERS, Trace, TraceRecord
 
@@ -72,6 +74,9 @@ class TdxModule:
         self.boots = 0
         self.anomalies: FirstReports[str] = FirstReports()
         self.contention = locks.Contention()
+        # Names the CALL sites in the trace: the machine sets the kernel's symbols
+        # (harness/kernel/symbols.py SiteResolver.resolve).
+        self.resolve_site: Callable[[RawSite], str | None] = raw_site
 
     @property
     def platform(self) -> PlatformConfig:
@@ -245,12 +250,14 @@ class TdxModule:
 
     def _record(self, request: SeamcallRequest, regs: tuple[int, ...], status: int, injected: str | None,
                 note: str | None) -> None:
+        site, caller = [self.resolve_site(s) for s in request.sites] if request.sites else (None, None)
         self.trace.append(TraceRecord(
             seq=len(self.trace), time=round(self.trace.now(), 6), boot=self.boots, cpu=request.cpu,
             fn=request.fn, leaf=abi.leaf_name(request.fn), variant=int(request.variant),
             inputs=dict(zip(REGISTERS[:loaded_registers(request)], request.regs)),
             outputs={name: value for name, value, old in zip(REGISTERS, regs, request.regs) if value != old},
-            status=status, status_name=abi.status_name(status, request.fn), injected=injected, note=note))
+            status=status, status_name=abi.status_name(status, request.fn), injected=injected, note=note,
+            site=site, caller=caller))
 
 
 _HANDLERS: dict[int, Handler] = {**host_init.HANDLERS, **td.HANDLERS}

@@ -29,6 +29,10 @@ class TraceRecord:
     status_name: str
     injected: str | None = None  # the fault rule that produced the status, if any
     note: str | None = None
+    # Where the kernel issued the call (docs/transport.md, CALL sites): the caller of
+    # __seamcall*() and that function's caller, "func+0xoff [module] file:line" or the raw site.
+    site: str | None = None
+    caller: str | None = None
 
     @property
     def number(self) -> int:
@@ -112,6 +116,8 @@ def format_record(record: TraceRecord) -> str:
             f"{record.leaf:<24s} {args or '-'} -> {record.status_name}")
     if outs:
         text += f" [{outs}]"
+    if record.site:
+        text += f"  at {record.site}" + (f" < {record.caller}" if record.caller else "")
     if record.injected:
         text += f"  (injected: {record.injected})"
     if record.note:

@@ -8,6 +8,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from harness.seam.sites import NO_SITE, NR_SITES, RawSite, SiteKind
 from harness.seam.trace import REGISTERS
 from harness.transport.errors import FramingError, ProtocolError
 
@@ -16,7 +17,7 @@ HEADER = struct.Struct("<2sBBHH")  # magic, type, flags, seq, length
 CRC = struct.Struct("<I")
 MAX_PAYLOAD = 4160
 MAX_MEM_CHUNK = 4096
-PROTO_VERSION = 1
+PROTO_VERSION = 2  # 2: CALL carries its call sites
 NR_REGS = len(REGISTERS)  # struct tdx_module_args, in the order the trace names them
 
 
@@ -209,21 +210,44 @@ class HelloAckPayload:
 
 @dataclass(frozen=True)
 class CallPayload:
+    """The fixed part, then NR_SITES sites: ``u64 addr, u8 kind, u8 name_len, name``."""
+
     FMT = struct.Struct(f"<IB3xQ{NR_REGS}Q")
+    SITE = struct.Struct("<QBB")
     apic_id: int
     variant: int
     fn: int
     regs: tuple[int, ...]
+    sites: tuple[RawSite, ...] = (NO_SITE,) * NR_SITES
 
     def frame(self, seq: int) -> Frame:
-        return Frame(FrameType.CALL, seq, self.FMT.pack(self.apic_id, self.variant, self.fn, *self.regs))
+        data = self.FMT.pack(self.apic_id, self.variant, self.fn, *self.regs)
+        for site in self.sites:
+            name = site.module.encode()
+            data += self.SITE.pack(site.addr, site.kind, len(name)) + name
+        return Frame(FrameType.CALL, seq, data)
 
     @classmethod
     def parse(cls, frame: Frame) -> CallPayload:
-        apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL", exact=True)
+        apic, variant, fn, *regs = _unpack(cls.FMT, frame, "CALL")
         if variant > 2:
             raise ProtocolError(f"CALL variant {variant} is not 0, 1 or 2", received=frame)
-        return cls(apic, variant, fn, tuple(regs))
+        payload, offset = frame.payload, cls.FMT.size
+        sites: list[RawSite] = []
+        for _ in range(NR_SITES):
+            if len(payload) < offset + cls.SITE.size:
+                raise ProtocolError(f"CALL payload of {len(payload)} bytes ends inside its sites", received=frame)
+            addr, kind, name_len = cls.SITE.unpack_from(payload, offset)
+            offset += cls.SITE.size
+            name = payload[offset:offset + name_len]
+            offset += name_len
+            if len(name) != name_len or kind not in SiteKind.__members__.values():
+                raise ProtocolError(f"CALL site {len(sites)} of kind {kind} with a {name_len}-byte name "
+                                    f"does not fit the payload", received=frame)
+            sites.append(RawSite(SiteKind(kind), addr, name.decode(errors="replace")))
+        if offset != len(payload):
+            raise ProtocolError(f"CALL payload is {len(payload)} bytes, its sites end at {offset}", received=frame)
+        return cls(apic, variant, fn, tuple(regs), tuple(sites))
 
 
 @dataclass(frozen=True)

@@ -403,7 +403,7 @@ class SeamServer:
             channel.send(HelloAckPayload(**dataclasses.asdict(ack)).frame(frame.seq))
         elif frame.type is FrameType.CALL:
             call = CallPayload.parse(frame)
-            request = SeamcallRequest(call.apic_id, call.fn, call.regs, Variant(call.variant))
+            request = SeamcallRequest(call.apic_id, call.fn, call.regs, Variant(call.variant), call.sites)
             memory = WireMemory(channel, frame.seq, self.mem_timeout)
             with self.lock:
                 result = self.module.call(request, memory)

@@ -32,6 +32,7 @@ from harness.seam.memory import MemoryAccessError, SparseMemory
 from harness.seam.module import TdxModule
 from harness.seam.platform import PlatformConfig, cmrs_for_ram
 from harness.seam.profiles import DEFAULT_PROFILE, PROFILES
+from harness.seam.sites import NR_SITES, SiteKind
 from harness.seam.state import SysState
 from harness.seam.trace import REGISTERS
 from harness.transport.errors import ChannelClosed, FramingError
@@ -631,15 +632,23 @@ def hostile_case(rng: random.Random, kind: Kind) -> Case:
                             FrameType.MEM_DATA, FrameType.MEM_ACK])
         return Case(kind, raw_frame(ftype, seq, rng.randbytes(rng.randint(0, 120))), seq)
     if kind is Kind.BAD_SIZE:
-        ftype, size = rng.choice([(FrameType.CALL, CallPayload.FMT.size), (FrameType.HELLO, Hello.FMT.size)])
-        length = rng.choice([0, size - 1, size + 1, size + 8, rng.randint(0, 300)])
-        length += length == size
+        if rng.random() < 0.5:
+            # Shorter than a CALL with two empty sites: longer ones may parse (names of any size).
+            size = CallPayload.FMT.size + NR_SITES * CallPayload.SITE.size
+            ftype, length = FrameType.CALL, rng.choice([0, CallPayload.FMT.size, size - 1, rng.randrange(size)])
+        else:
+            ftype, size = FrameType.HELLO, Hello.FMT.size
+            length = rng.choice([0, size - 1, size + 1, size + 8, rng.randint(0, 300)])
+            length += length == size
         return Case(kind, raw_frame(ftype, seq, rng.randbytes(length)), seq)
     if kind is Kind.GARBAGE_CALL:
         apic = rng.choice([0, 1, 2, rng.getrandbits(32)])
         variant = rng.choice([0, 1, 2, 2, rng.randrange(3, 256)])
         payload = struct.pack(f"<IB3xQ{len(REGISTERS)}Q", apic, variant, fn_value(rng),
                               *(reg_value(rng) for _ in REGISTERS))
+        for _ in range(NR_SITES):
+            name = rng.choice([b"", b"kvm_intel", rng.randbytes(rng.randint(0, 56))])
+            payload += CallPayload.SITE.pack(rng.getrandbits(64), rng.choice(list(SiteKind)), len(name)) + name
         return Case(kind, raw_frame(FrameType.CALL, seq, payload), seq, answered=seq)
     if kind is Kind.GARBAGE_HELLO:
         version = PROTO_VERSION if rng.random() < 0.7 else rng.getrandbits(32)

@@ -18,7 +18,9 @@ import pytest
 from harness import paths
 from harness.kernel.build import patch_series
 from harness.observe import patterns
+from harness.seam.sites import NO_SITE, RawSite, SiteKind
 from harness.transport.frames import (
+    PROTO_VERSION,
     CallPayload,
     Decoder,
     ErrorCode,
@@ -80,6 +82,8 @@ class Run:
     tx: list[Frame]
     log: str
     ram: bytes
+    kernel_text: int  # the driver's simulated texts (wire_driver.c sim_sites_init)
+    module_text: int
 
     def sent(self, ftype: FrameType) -> list[Frame]:
         return [f for f in self.tx if f.type is ftype]
@@ -96,7 +100,8 @@ def run(driver: Path, tmp_path: Path, ops: list[str], rx: bytes = b"", repeat: b
     assert done.returncode == 0, f"the shim died ({done.returncode}): {done.stderr[-2000:]}"
     out = json.loads(done.stdout)
     frames = [item for item in Decoder(max_buffer=1 << 30).feed(bytes.fromhex(out["tx"])) if isinstance(item, Frame)]
-    return Run(out["ops"], out["runaway"], out["now_ns"], frames, out["log"], bytes.fromhex(out["ram"]))
+    return Run(out["ops"], out["runaway"], out["now_ns"], frames, out["log"], bytes.fromhex(out["ram"]),
+               out["kernel_text"], out["module_text"])
 
 
 def ack(seq: int = HELLO_SEQ, mktme: int = 15, tdx: int = 48, version: int | None = None) -> bytes:
@@ -125,6 +130,27 @@ def test_a_call_is_answered_with_the_module_s_return(driver, tmp_path):
     assert result.ops[1]["ret"] == 0x1234 and result.ops[1]["rcx"] == 7
     (sent,) = result.sent(FrameType.CALL)
     assert sent.seq == CALL_SEQ and CallPayload.parse(sent).regs[0] == 5
+
+
+# wire_driver.c's simulated call: a kernel function at SIM_FUNC, its __seamcall*() call returning
+# to SIM_SITE, called from a module function whose call ends at SIM_CALL + 5.
+SIM_SITE, SIM_CALL_END, SIM_KASLR_OFFSET = 16 + 7, 8 + 5, 0x1000000
+
+
+def test_a_call_names_its_site_and_the_caller_of_its_function(driver, tmp_path):
+    result = run(driver, tmp_path, ["hello", call()], ack() + ret())
+    (sent,) = result.sent(FrameType.CALL)
+    site, caller = CallPayload.parse(sent).sites
+    assert site == RawSite(SiteKind.KERNEL, result.kernel_text + SIM_SITE - SIM_KASLR_OFFSET)
+    assert caller == RawSite(SiteKind.MODULE_TEXT, SIM_CALL_END, "kvm_intel"), \
+        "the stack word after a call to the site's function, not the text address before it"
+
+
+def test_no_stack_scan_in_nmi_context(driver, tmp_path):
+    result = run(driver, tmp_path, ["hello", call()], ack() + ret(), b"", TIMEOUT_MS, "--nmi")
+    (sent,) = result.sent(FrameType.CALL)
+    site, caller = CallPayload.parse(sent).sites
+    assert site.kind is SiteKind.KERNEL and caller == NO_SITE
 
 
 # --- item 5: deadlines a flood cannot defeat ----------------------------------------------------
@@ -233,7 +259,7 @@ def test_the_sequence_number_skips_0_when_it_wraps(driver, tmp_path):
 
 
 BAD_ACKS = {
-    "other_protocol": ack(version=2),
+    "other_protocol": ack(version=PROTO_VERSION + 1),
     "mktme_count_makes_keyid_0_a_tdx_keyid": ack(mktme=0xFFFFFFFF, tdx=48),
     "start_plus_count_wraps": ack(mktme=0x10, tdx=0xFFFFFFF8),
     "more_keyids_than_15_bits": ack(mktme=0x4000, tdx=0x4000),

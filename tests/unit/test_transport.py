@@ -247,8 +247,9 @@ def crc_field(span: bytes) -> int:
 def test_a_frame_short_of_its_last_bytes_does_not_swallow_the_next(lost):
     """A HELLO that lost its last bytes, then a complete HELLO: the first one's span (its length
     field) reaches into the second, whose magic must still be found, in any chunking."""
-    short = Hello(PROTO_VERSION, 2, 0).frame(1).encode()[:-lost]
-    follower = Hello(PROTO_VERSION, 2, 0).frame(2).encode()
+    # Protocol 1, as issue 25's reproducer spoke it: the decoder does not read the version.
+    short = Hello(1, 2, 0).frame(1).encode()[:-lost]
+    follower = Hello(1, 2, 0).frame(2).encode()
     if lost == 1:  # the byte stream of issue 25's reproducer
         assert short.hex() == "5458010001001000010000000200000000000000000000003d01ce"
     span = (short + follower)[:len(short) + lost]

@@ -7,12 +7,14 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef uint8_t u8;
 typedef uint16_t u16;
 typedef uint32_t u32;
 typedef unsigned long long u64;	/* as the kernel: %llx */
+typedef int32_t s32;
 typedef long long s64;
 
 #define BIT(n)		(1UL << (n))
@@ -103,3 +105,32 @@ struct tdx_module_args {
 DEFINE_LE(16)
 DEFINE_LE(32)
 DEFINE_LE(64)
+
+/* Call sites: a simulated kernel text and one module (wire_driver.c). */
+#define CONFIG_MODULES
+#define MODULE_NAME_LEN	56
+#define SIM_KASLR_OFFSET	0x1000000UL
+static inline unsigned long kaslr_offset(void) { return SIM_KASLR_OFFSET; }
+enum mod_mem_type { MOD_TEXT, MOD_INIT_TEXT, MOD_MEM_NUM_TYPES };
+struct module_memory {
+	void *base;
+	unsigned int size;
+};
+struct module {
+	char name[MODULE_NAME_LEN];
+	struct module_memory mem[MOD_MEM_NUM_TYPES];
+};
+static inline bool within_module_mem_type(unsigned long addr, const struct module *mod,
+					  enum mod_mem_type type)
+{
+	unsigned long base = (unsigned long)mod->mem[type].base;
+
+	return addr >= base && addr < base + mod->mem[type].size;
+}
+struct module *__module_address(unsigned long addr);
+int core_kernel_text(unsigned long addr);
+int kernel_text_address(unsigned long addr);
+int kallsyms_lookup_size_offset(unsigned long addr, unsigned long *size, unsigned long *offset);
+#define guard(name)		shim_guard_##name
+static inline void shim_guard_rcu(void) { }
+#define strscpy(dst, src)	((void)snprintf(dst, sizeof(dst), "%s", src))

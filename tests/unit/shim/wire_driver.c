@@ -5,10 +5,12 @@
  * result and simulated duration, the bytes sent, the kernel log, the RAM afterwards.
  *
  *   wire_driver [--timeout-ms N] [--rx FILE] [--repeat FILE] [--seq N] [--thr-busy]
- *               [--lock-held-ns N] [--watchdog-thresh N] [--unmapped PAGE] [--readonly PAGE]
+ *               [--lock-held-ns N] [--watchdog-thresh N] [--unmapped PAGE] [--readonly PAGE] [--nmi]
  *               hello | call:FN:RCX:VARIANT ...
  *
  * A shim that stays past RUNAWAY times its budget is stopped: the JSON then says "runaway".
+ * Each call comes from sim_stack: a kernel function (SIM_FUNC in sim_kernel_text) called by a
+ * module function (the call at SIM_CALL in sim_module_text); the JSON gives both texts' addresses.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -26,6 +28,11 @@
 #define RAM_PAGES	8
 #define PAGE		4096
 #define MAX_LOG		8192
+#define SIM_TEXT	64
+#define SIM_FUNC	16		/* the kernel function's offset in sim_kernel_text */
+#define SIM_SITE	(SIM_FUNC + 7)	/* its return address from __seamcall*() */
+#define SIM_NOT_CALL	40		/* a text address not after a call */
+#define SIM_CALL	8		/* the module's call of the kernel function */
 
 unsigned int tsc_khz = 1000000;	/* 1 GHz: one TSC tick per simulated ns */
 struct cpuinfo_x86 boot_cpu_data = { .cpuid_level = 0xd };
@@ -42,6 +49,54 @@ static char log_text[MAX_LOG];
 static size_t log_len;
 static u8 *ram;
 static int page_prot[RAM_PAGES];	/* 0 mapped, 1 unmapped, 2 read-only */
+static u8 sim_kernel_text[SIM_TEXT], sim_module_text[SIM_TEXT];
+static struct module sim_module = { .name = "kvm_intel" };
+static unsigned long sim_stack[4];
+
+static bool in_text(unsigned long addr, const u8 *text)
+{
+	return addr >= (unsigned long)text && addr < (unsigned long)text + SIM_TEXT;
+}
+
+int core_kernel_text(unsigned long addr)
+{
+	return in_text(addr, sim_kernel_text);
+}
+
+int kernel_text_address(unsigned long addr)
+{
+	return in_text(addr, sim_kernel_text) || in_text(addr, sim_module_text);
+}
+
+struct module *__module_address(unsigned long addr)
+{
+	return in_text(addr, sim_module_text) ? &sim_module : NULL;
+}
+
+int kallsyms_lookup_size_offset(unsigned long addr, unsigned long *size, unsigned long *offset)
+{
+	unsigned long func = (unsigned long)sim_kernel_text + SIM_FUNC;
+
+	if (!in_text(addr, sim_kernel_text) || addr < func)
+		return 0;
+	*size = SIM_TEXT - SIM_FUNC;
+	*offset = addr - func;
+	return 1;
+}
+
+static void sim_sites_init(void)
+{
+	u8 *call = sim_module_text + SIM_CALL;
+	s32 rel = (sim_kernel_text + SIM_FUNC) - (call + CALL_REL32_LEN);
+
+	call[0] = CALL_REL32;
+	memcpy(call + 1, &rel, sizeof(rel));
+	sim_module.mem[MOD_TEXT].base = sim_module_text;
+	sim_module.mem[MOD_TEXT].size = SIM_TEXT;
+	sim_stack[0] = (unsigned long)sim_kernel_text + SIM_SITE;
+	sim_stack[1] = (unsigned long)sim_kernel_text + SIM_NOT_CALL;
+	sim_stack[2] = (unsigned long)call + CALL_REL32_LEN;
+}
 
 static void print_hex(const u8 *p, size_t n)
 {
@@ -70,7 +125,8 @@ static void finish(const char *ops, bool runaway)
 	printf("{\"ops\": [%s], \"runaway\": %s, \"now_ns\": %llu, \"tx\": ", ops,
 	       runaway ? "true" : "false", (unsigned long long)now_ns);
 	print_hex(tx, tx_len);
-	printf(", \"log\": ");
+	printf(", \"kernel_text\": %lu, \"module_text\": %lu, \"log\": ",
+	       (unsigned long)sim_kernel_text, (unsigned long)sim_module_text);
 	print_json_string(log_text);
 	printf(", \"ram\": ");
 	mprotect(ram, RAM_PAGES * PAGE, PROT_READ);
@@ -172,7 +228,12 @@ void *__va(u64 pa)
 /* Whether [p, p + size) of RAM is mapped, and writable if @write: what the MMU would say. */
 static bool mapped(const void *p, size_t size, bool write)
 {
-	size_t first = ((const u8 *)p - ram) / PAGE, last = ((const u8 *)p - ram + size - 1) / PAGE;
+	size_t first, last;
+
+	if ((const u8 *)p < ram || (const u8 *)p >= ram + RAM_PAGES * PAGE)
+		return true;	/* the simulated stack and texts */
+	first = ((const u8 *)p - ram) / PAGE;
+	last = ((const u8 *)p - ram + size - 1) / PAGE;
 
 	for (; first <= last; first++)
 		if (page_prot[first] == 1 || (write && page_prot[first] == 2))
@@ -241,6 +302,8 @@ int main(int argc, char **argv)
 			page_prot[strtoul(argv[++i], NULL, 0)] = 1;
 		else if (!strcmp(arg, "--readonly"))
 			page_prot[strtoul(argv[++i], NULL, 0)] = 2;
+		else if (!strcmp(arg, "--nmi"))
+			sim_in_nmi = true;
 		else
 			break;
 	}
@@ -250,6 +313,7 @@ int main(int argc, char **argv)
 			mprotect(ram + page * PAGE, PAGE, page_prot[page] == 1 ? PROT_NONE : PROT_READ);
 	limit_ns = (u64)RUNAWAY * timeout_ms * 1000000ULL;
 	tdx_sw_vmxon();
+	sim_sites_init();
 	for (; i < argc; i++) {
 		u64 start = now_ns, ret;
 		const char *sep = ops_len ? ", " : "";
@@ -270,7 +334,7 @@ int main(int argc, char **argv)
 
 			args.rcx = strtoull(p + 1, &p, 0);
 			variant = strtol(p + 1, NULL, 0);
-			ret = tdx_sw_seamcall(fn, &args, variant);
+			ret = tdx_sw_seamcall(fn, &args, variant, sim_stack);
 			ops_len += snprintf(ops_json + ops_len, sizeof(ops_json) - ops_len,
 					    "%s{\"op\": \"call\", \"ret\": %llu, \"rcx\": %llu, \"rdx\": %llu, \"ns\": %llu}",
 					    sep, (unsigned long long)ret, (unsigned long long)args.rcx,
