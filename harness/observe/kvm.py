@@ -17,7 +17,8 @@ from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
 AGENT = "tdx-agent"
 # kvm-intel.ko has no module dependencies in this config (kvm and irqbypass are built in): insmod
 # works whether or not the build host ran depmod.
-LOAD_KVM_INTEL = "insmod /lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko tdx=1"
+KVM_INTEL_KO = "/lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko"
+LOAD_KVM_INTEL = f"insmod {KVM_INTEL_KO} tdx=1"
 UNLOAD_KVM_INTEL = "rmmod kvm_intel"
 # The documented order up to a TD with one initialized vCPU and private memory at GPA 0
 # (Documentation/virt/kvm/x86/intel-tdx.rst, with SET_CPUID2 before INIT_VCPU as tdx.c needs).
@@ -180,6 +181,18 @@ def supported_xfam(platform: PlatformConfig, kvm_xcr0: int) -> int:
     if kvm_xcr0 & platform.xfam_fixed1 != platform.xfam_fixed1:
         return 0
     return kvm_xcr0 & platform.xfam_fixed0
+
+
+def tdx_hardware_setup_refusal(platform: PlatformConfig, kvm_xfam: int, present_cpus: int) -> str | None:
+    """Why __tdx_hardware_setup() refuses the module, in its order, so that `insmod kvm-intel.ko
+    tdx=1` fails with EINVAL; None when it takes it. ``kvm_xfam``: KVM's supported XCR0 | XSS."""
+    if not supported_attrs(platform) or not supported_xfam(platform, kvm_xfam):
+        return "no TD attributes or XFAM that both KVM and the module support"
+    if not platform.tdx_features0 & abi.TDX_FEATURES0_TOPOLOGY_ENUM:
+        return "no TOPOLOGY_ENUM in TDX_FEATURES0"
+    if platform.max_vcpus_per_td < present_cpus:
+        return f"MAX_VCPU_PER_TD ({platform.max_vcpus_per_td}) below the {present_cpus} logical CPUs"
+    return None
 
 
 def offered_cpuid(config: CpuidConfig) -> CpuidEntry:

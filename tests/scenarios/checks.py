@@ -16,7 +16,7 @@ from harness.machine.transitions import StepRecord
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
-from harness.observe.kvm import AGENT, LOAD_KVM_INTEL, TO_MEMORY, AgentRun, AgentStep
+from harness.observe.kvm import AGENT, LOAD_KVM_INTEL, TO_MEMORY, AgentRun, AgentStep, tdx_hardware_setup_refusal
 from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
 from harness.seam.abi import Leaf, SeamldrLeaf
@@ -115,16 +115,15 @@ def crash_records(step: StepRecord, machine: Machine) -> tuple[list[TraceRecord]
 
 
 def kvm_takes_tdx(platform: PlatformConfig) -> bool:
-    """Whether kvm_intel tdx=1 loads on this module: __tdx_hardware_setup() (arch/x86/kvm/vmx/
-    tdx.c) refuses, and the load fails with -EINVAL, without TOPOLOGY_ENUM in TDX_FEATURES0
-    (the "1.5.01" release lacks it)."""
-    return bool(platform.tdx_features0 & abi.TDX_FEATURES0_TOPOLOGY_ENUM)
+    """Whether kvm_intel tdx=1 loads on this module (kvm.tdx_hardware_setup_refusal(); the
+    "1.5.01" release lacks TOPOLOGY_ENUM), for a platform whose XFAM bits KVM all supports."""
+    return tdx_hardware_setup_refusal(platform, platform.xfam_fixed0, len(platform.cpus)) is None
 
 
-def assert_kvm_refused_tdx(machine: Machine, load: CommandResult) -> None:
-    """The load of kvm_intel tdx=1 failed as the kernel fails it on a module KVM cannot use:
-    the insmod fails, kvm_intel is not there afterwards, and no SEAMCALL failed on the way."""
-    assert load.status != 0, f"kvm_intel tdx=1 loaded on a module without TOPOLOGY_ENUM: {load.output}"
+def assert_kvm_refused_tdx(machine: Machine, load: CommandResult, why: str = "") -> None:
+    """The load of kvm_intel tdx=1 failed as the kernel fails it on a module KVM cannot use
+    (``why``): the insmod fails, kvm_intel is not there afterwards, and no SEAMCALL failed."""
+    assert load.status != 0, f"kvm_intel tdx=1 loaded on a module it must refuse ({why}): {load.output}"
     assert machine.run("test -e /sys/module/kvm_intel", DMESG_TIMEOUT).status != 0, "kvm_intel stayed loaded"
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
 

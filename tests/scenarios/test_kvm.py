@@ -16,6 +16,7 @@ import pytest
 from checks import (
     FINALIZED,
     KVM_TIMEOUT,
+    assert_kvm_refused_tdx,
     assert_no_td_left,
     kernel_log,
     kvm_machine,
@@ -31,7 +32,9 @@ from harness.observe.kvm import (
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_SYSTEM_EVENT,
+    KVM_INTEL_KO,
     KVM_SYSTEM_EVENT_TDX_FATAL,
+    LOAD_KVM_INTEL,
     TO_MEMORY,
     USER_TDVMCALLINFO_1_R11,
     VCPU_REGS_R11,
@@ -42,6 +45,7 @@ from harness.observe.kvm import (
     run_agent,
     supported_attrs,
     supported_xfam,
+    tdx_hardware_setup_refusal,
 )
 from harness.seam import abi, exits
 from harness.seam.abi import Leaf, OperandId, Status
@@ -115,6 +119,32 @@ def test_kvm_capabilities_match_the_module_and_cgroup_capacity(vmx_boot):
     assert [r.leaf for r in records_since(machine, start)] == []
     # The misc cgroup's tdx capacity is the guest KeyIDs: the TDX range less the global KeyID.
     assert tdx_misc_capacity(machine) == platform.nr_tdx_keyids - 1
+
+
+# Module configurations kvm_intel tdx=1 refuses to load on (__tdx_hardware_setup(): no TD
+# attributes or XFAM that both support): a forced attribute outside KVM_SUPPORTED_TDX_TD_ATTRS,
+# and forced AMX XFAM bits (17, 18) that Bochs's CPU, hence KVM's XCR0, lacks (QEMU on an AMX
+# host supports them: there the model expects the load to succeed).
+UNOFFERED = {
+    "forced_debug_attribute": {"attributes_fixed1": abi.TD_ATTR_DEBUG},
+    "forced_amx_xfam": {"xfam_fixed0": 0x000602E7 | 0x3 << 17, "xfam_fixed1": 0x3 | 0x3 << 17},
+}
+
+
+@pytest.mark.parametrize("name", list(UNOFFERED))
+def test_kvm_intel_refuses_a_module_it_cannot_offer_tds_on(vmx_boot, platform_config, name):
+    machine = vmx_boot(platform=platform_config(**UNOFFERED[name]))
+    # KVM's XCR0, from kvm_intel loaded without TDX.
+    assert machine.run(f"insmod {KVM_INTEL_KO}", TIMEOUT).status == 0
+    xcr0 = run_agent(machine, ["supported_cpuid"], TIMEOUT)["supported_cpuid"].outputs["xcr0"]
+    assert machine.run("rmmod kvm_intel", TIMEOUT).status == 0
+    platform = machine.module.platform
+    why = tdx_hardware_setup_refusal(platform, xcr0, len(platform.cpus))
+    loaded = machine.run(LOAD_KVM_INTEL, TIMEOUT)
+    if why is None:
+        assert loaded.status == 0, f"kvm_intel tdx=1 refused a module KVM's rules accept: {loaded.output}"
+    else:
+        assert_kvm_refused_tdx(machine, loaded, why)
 
 
 def test_kvm_full_flow_to_finalize_measures_and_tears_down(vmx_boot):

@@ -35,6 +35,7 @@ from harness.observe.kvm import (
     supported_attrs,
     supported_xfam,
     td_cpuid_readback,
+    tdx_hardware_setup_refusal,
 )
 from harness.seam import abi
 from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
@@ -184,3 +185,17 @@ def test_get_cpuid_leaves_the_field_cannot_name_unread_and_fails_without_leaf_0(
     missing = td_cpuid_readback({}, gpaw=48)
     assert missing.answer(256) == (-errno.EIO, 256)
     assert missing.reads == [(field(0, NA), False), (field(0, 0), False)]
+
+
+def test_tdx_hardware_setup_refusal_in_its_order():
+    """__tdx_hardware_setup() (arch/x86/kvm/vmx/tdx.c): attributes and XFAM, TOPOLOGY_ENUM, then
+    MAX_VCPU_PER_TD against the logical CPUs."""
+    default = PlatformConfig()
+    xcr0 = 0x2E7
+    assert tdx_hardware_setup_refusal(default, xcr0, 1) is None
+    assert "attributes" in tdx_hardware_setup_refusal(PlatformConfig(attributes_fixed1=1), xcr0, 1)
+    amx = PlatformConfig(xfam_fixed0=default.xfam_fixed0 | 0x3 << 17, xfam_fixed1=0x3 | 0x3 << 17)
+    assert "XFAM" in tdx_hardware_setup_refusal(amx, xcr0, 1)
+    assert tdx_hardware_setup_refusal(amx, xcr0 | 0x3 << 17, 1) is None
+    assert "TOPOLOGY_ENUM" in tdx_hardware_setup_refusal(PlatformConfig.for_profile("1.5.01"), xcr0, 1)
+    assert "MAX_VCPU_PER_TD" in tdx_hardware_setup_refusal(PlatformConfig(max_vcpus_per_td=1), xcr0, 2)
