@@ -129,15 +129,27 @@ def scenario_coverage(request: pytest.FixtureRequest, images: Images) -> Scenari
     return ScenarioCoverage(root, paths.artifact_name(nodeid), images.coverage, label=nodeid)
 
 
+def _retire(machine: Machine, coverage: ScenarioCoverage | None) -> None:
+    """A machine's end: its counters first (while its kernel answers), then stop it."""
+    try:
+        if coverage is not None:
+            coverage.finish(machine)
+    finally:
+        machine.stop()
+
+
+@pytest.fixture
+def retire_machine(scenario_coverage: ScenarioCoverage | None) -> Callable[[Machine], None]:
+    """``retire_machine(machine)``: end one machine in the middle of a scenario as the scenario's
+    end would, so one that replaces its machine keeps the old one's counters."""
+    return lambda machine: _retire(machine, scenario_coverage)
+
+
 def _stop_all(machines: Sequence[Machine], coverage: ScenarioCoverage | None, node: pytest.Item) -> None:
-    """The scenario's end: each machine's counters first (while its kernel answers), then stop it;
-    then what went wrong between shim and module that the scenario did not declare fails it."""
+    """The scenario's end: each machine retired (counters, then stop); then what went wrong
+    between shim and module that the scenario did not declare fails it."""
     for machine in machines:
-        try:
-            if coverage is not None:
-                coverage.finish(machine)
-        finally:
-            machine.stop()
+        _retire(machine, coverage)
     declared = [re.compile(text) for marker in node.iter_markers("module_anomalies") for text in marker.args]
     for machine in machines:
         module = getattr(machine, "module", None)

@@ -24,6 +24,7 @@ findings"): the scenario reports them as xfail and fails on any other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -102,6 +103,7 @@ class Sweep:
     """The machine the lives run on, replaced after a life that left state behind."""
 
     vmx_boot: object
+    retire: Callable[[Machine], None]  # the retire_machine fixture: counters kept, then stopped
     machine: Machine = field(init=False)
     mark: int = field(init=False)  # kernel records seen so far
 
@@ -118,8 +120,8 @@ class Sweep:
         return since
 
 
-def test_kvm_module_error_in_each_seamcall_of_a_td_life(vmx_boot):
-    sweep = Sweep(vmx_boot)
+def test_kvm_module_error_in_each_seamcall_of_a_td_life(vmx_boot, retire_machine):
+    sweep = Sweep(vmx_boot, retire_machine)
     outcomes = []
     for leaf in SWEPT:
         outcome = one_life(sweep, leaf)
@@ -127,7 +129,7 @@ def test_kvm_module_error_in_each_seamcall_of_a_td_life(vmx_boot):
         outcomes.append(outcome)
         if outcome.left:
             outcome.broken.update(next_td_findings(sweep))
-            sweep.machine.stop()
+            sweep.retire(sweep.machine)
             sweep.fresh()
     assert all(o.fired for o in outcomes), f"leaves the life never reached: {[str(o) for o in outcomes if not o.fired]}"
     check_clean_life(sweep.machine)
