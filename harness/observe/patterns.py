@@ -39,6 +39,9 @@ KVM_SEAMCALL_FAILED = re.compile(r"kvm_intel: SEAMCALL (?P<leaf>TDH_[A-Z_]+) fai
 # arch/x86/kvm/vmx/tdx.c (kvm_intel): an EPT violation on a private page the guest has not accepted.
 # arch/x86/kernel/nmi.c unknown_nmi_error(): an NMI no handler claimed.
 UNKNOWN_NMI = re.compile(r"Uhhuh\. NMI received for unknown reason (?P<reason>[0-9a-f]+) on CPU (?P<cpu>\d+)")
+# __tdx_hardware_setup(): the one refusal of a module that KVM prints.
+KVM_MAX_VCPUS_REFUSED = re.compile(r"Disable TDX: MAX_VCPU_PER_TD \((?P<max>\d+)\) smaller than number of "
+                                   r"logical CPUs \((?P<cpus>\d+)\)")
 KVM_ACCESS_BEFORE_ACCEPT = re.compile(r"Guest access before accepting (?P<gpa>0x[0-9a-f]+) on vCPU (?P<vcpu>\d+)")
 SHIM_HELLO = re.compile(r"tdx-sw-module: software TDX module on COM2: (?P<state>module loaded|no module loaded)")
 SHIM_NO_ANSWER = re.compile(r"tdx-sw-module: no software TDX module answered on COM2")

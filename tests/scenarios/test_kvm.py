@@ -128,6 +128,7 @@ def test_kvm_capabilities_match_the_module_and_cgroup_capacity(vmx_boot):
 UNOFFERED = {
     "forced_debug_attribute": {"attributes_fixed1": abi.TD_ATTR_DEBUG},
     "forced_amx_xfam": {"xfam_fixed0": 0x000602E7 | 0x3 << 17, "xfam_fixed1": 0x3 | 0x3 << 17},
+    "max_vcpus_below_cpus": {"max_vcpus_per_td": 0},  # the one refusal KVM prints
 }
 
 
@@ -145,6 +146,10 @@ def test_kvm_intel_refuses_a_module_it_cannot_offer_tds_on(vmx_boot, platform_co
         assert loaded.status == 0, f"kvm_intel tdx=1 refused a module KVM's rules accept: {loaded.output}"
     else:
         assert_kvm_refused_tdx(machine, loaded, why)
+    log = kernel_log(machine)
+    said = [m.string for m in map(patterns.KVM_MAX_VCPUS_REFUSED.search, (r.text for r in log.records)) if m]
+    assert bool(said) == (why is not None and "MAX_VCPU_PER_TD" in why), \
+        f"KVM prints its refusal only for MAX_VCPU_PER_TD; refusal {why!r}, printed {said}"
 
 
 def test_kvm_full_flow_to_finalize_measures_and_tears_down(vmx_boot):
