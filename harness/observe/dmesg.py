@@ -100,6 +100,10 @@ class Timeline:
     def all(self, pattern: re.Pattern[str]) -> list[Record]:
         return [r for r in self.records if pattern.search(r.text)]
 
+    def matches(self, pattern: re.Pattern[str]) -> list[re.Match[str]]:
+        """Every record's match of ``pattern``, in order."""
+        return [m for m in map(pattern.search, (r.text for r in self.records)) if m]
+
     def since(self, mark: int) -> Timeline:
         return Timeline(self.records[mark:], self.source)
 

@@ -218,7 +218,6 @@ KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4  # arch/x86/include/uapi/asm/kvm_para.h
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 TDX_MAP_GPA_MAX_LEN = 2 << 20  # one KVM_HC_MAP_GPA_RANGE exit covers at most this much
-PAGE_SIZE = 4096
 MSR_IA32_CR_PAT_DEFAULT = 0x0007040600070406  # kvm_vcpu_reset()
 
 
@@ -245,7 +244,7 @@ def map_gpa_refusal(gpa: int, size: int, gpaw: int, maxphyaddr: int, exit_enable
     legal = end > gpa and gpa >> maxphyaddr == 0 and (end - 1) >> maxphyaddr == 0
     if not legal or bool(gpa & shared_bit(gpaw)) != bool((end - 1) & shared_bit(gpaw)):
         return abi.TDVMCALL_STATUS_INVALID_OPERAND
-    if gpa % PAGE_SIZE or size % PAGE_SIZE:
+    if gpa % abi.SZ_4K or size % abi.SZ_4K:
         return abi.TDVMCALL_STATUS_ALIGN_ERROR
     return None
 
@@ -256,7 +255,7 @@ def map_gpa_exits(gpa: int, size: int, gpaw: int) -> list[MapGpaExit]:
     for a conversion to shared."""
     bit = shared_bit(gpaw)
     attributes = KVM_MAP_GPA_RANGE_DECRYPTED if gpa & bit else KVM_MAP_GPA_RANGE_ENCRYPTED
-    return [MapGpaExit(at & ~bit, min(TDX_MAP_GPA_MAX_LEN, gpa + size - at) // PAGE_SIZE, attributes)
+    return [MapGpaExit(at & ~bit, min(TDX_MAP_GPA_MAX_LEN, gpa + size - at) // abi.SZ_4K, attributes)
             for at in range(gpa, gpa + size, TDX_MAP_GPA_MAX_LEN)]
 
 

@@ -502,8 +502,8 @@ FIELD_CODE_MASK = 0xFFFFFF
 FIELD_CLASS_SHIFT = 56
 FIELD_CLASS_MASK = 0x3F
 FIELD_NON_ARCH = 1 << 63
-# Bits that must be 0 in a single-element field id: reserved 31:24, 49:47, 55, 62, and the
-# LAST_ELEMENT_IN_FIELD / LAST_FIELD_IN_SEQUENCE fields.
+# Bits that must be 0 in a single-element field id (md_check_as_single_element_id()): reserved
+# 31:24, 49:47, 55, 62, and the LAST_ELEMENT_IN_FIELD / LAST_FIELD_IN_SEQUENCE fields.
 FIELD_SINGLE_ELEMENT_MUST_BE_ZERO = ((0xFF << 24) | (0xF << 34) | (0x1FF << 38) | (0x7 << 47) | (1 << 55)
                                      | (1 << 62))
 

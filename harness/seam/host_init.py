@@ -72,7 +72,7 @@ def sys_rd(seam: Seam, call: Call) -> int:
         call.outputs["rdx"] = table.next_element(field_id)
         return Status.TDX_METADATA_FIRST_FIELD_ID_IN_CONTEXT
     entry = table.lookup(field_id)
-    if field_id & metadata.SINGLE_ELEMENT_MUST_BE_ZERO or entry is None:
+    if field_id & abi.FIELD_SINGLE_ELEMENT_MUST_BE_ZERO or entry is None:
         return Status.TDX_METADATA_FIELD_ID_INCORRECT
     call.outputs.update(rdx=table.next_element(field_id), r8=entry.value(field_id))
     return 0

@@ -26,9 +26,6 @@ MD_FIELD_ID_NA = (1 << 64) - 1  # the null field id: "the first field" for a rea
 FIELD_CODE_MASK = (1 << 24) - 1
 CONTEXT_CODE_MASK = 0x7 << 52
 CLASS_CODE_SHIFT, CLASS_CODE_MASK = 56, 0x3F
-# md_check_as_single_element_id(): RESERVED_0..3, LAST_ELEMENT_IN_FIELD and
-# LAST_FIELD_IN_SEQUENCE must be 0 (element size, inc size, write mask valid, context ignored).
-SINGLE_ELEMENT_MUST_BE_ZERO = (0xFF << 24) | (0xF << 34) | (0x1FF << 38) | (0x7 << 47) | (1 << 55) | (1 << 62)
 MAX_CMR = 32  # 1.5: NUM_CMRS reads MAX_CMR; CMR_BASE/CMR_SIZE have that many fields
 CPUID_CONFIG_FIELDS = 32  # CPUID_CONFIG_LEAVES/VALUES fields in the lookup table
 

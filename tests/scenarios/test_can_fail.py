@@ -62,7 +62,7 @@ def test_seamcall_outside_vmx_operation_is_caught(request, artifacts):
         log = kernel_log(machine, allow=(Crash.SEAMCALL_UD, Crash.WARN))
         ud = log.expect(patterns.SHIM_SEAMCALL_UD)
         assert (int(ud["fn"], 16), int(ud["cpu"])) == (Leaf.TDH_SYS_INIT, 0), ud.string
-        warnings = [m for m in map(patterns.WARNING.search, (r.text for r in log.records)) if m]
+        warnings = log.matches(patterns.WARNING)
         assert [m["func"] for m in warnings] == ["x86_virt_put_ref"], [m.string for m in warnings]
         log.expect_absent(patterns.INITIALIZED)
         log.expect_absent(patterns.SEAMCALL_FAILED)

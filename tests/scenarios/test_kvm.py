@@ -50,6 +50,7 @@ from harness.observe.kvm import (
 from harness.seam import abi, exits
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.faults import FaultPlan, busy
+from harness.seam.platform import PlatformConfig
 from harness.seam.trace import TraceRecord
 
 pytestmark = [pytest.mark.vm, pytest.mark.vmx]
@@ -125,9 +126,11 @@ def test_kvm_capabilities_match_the_module_and_cgroup_capacity(vmx_boot):
 # attributes or XFAM that both support): a forced attribute outside KVM_SUPPORTED_TDX_TD_ATTRS,
 # and forced AMX XFAM bits (17, 18) that Bochs's CPU, hence KVM's XCR0, lacks (QEMU on an AMX
 # host supports them: there the model expects the load to succeed).
+AMX_XFAM = 0x3 << 17  # XTILECFG, XTILEDATA
 UNOFFERED = {
     "forced_debug_attribute": {"attributes_fixed1": abi.TD_ATTR_DEBUG},
-    "forced_amx_xfam": {"xfam_fixed0": 0x000602E7 | 0x3 << 17, "xfam_fixed1": 0x3 | 0x3 << 17},
+    "forced_amx_xfam": {"xfam_fixed0": PlatformConfig.xfam_fixed0 | AMX_XFAM,
+                        "xfam_fixed1": PlatformConfig.xfam_fixed1 | AMX_XFAM},
     "max_vcpus_below_cpus": {"max_vcpus_per_td": 0},  # the one refusal KVM prints
 }
 
@@ -147,7 +150,7 @@ def test_kvm_intel_refuses_a_module_it_cannot_offer_tds_on(vmx_boot, platform_co
     else:
         assert_kvm_refused_tdx(machine, loaded, why)
     log = kernel_log(machine)
-    said = [m.string for m in map(patterns.KVM_MAX_VCPUS_REFUSED.search, (r.text for r in log.records)) if m]
+    said = [m.string for m in log.matches(patterns.KVM_MAX_VCPUS_REFUSED)]
     assert bool(said) == (why is not None and "MAX_VCPU_PER_TD" in why), \
         f"KVM prints its refusal only for MAX_VCPU_PER_TD; refusal {why!r}, printed {said}"
 

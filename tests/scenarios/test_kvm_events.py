@@ -38,6 +38,6 @@ def test_kvm_host_interrupt_and_nmi_reenter_the_td_without_userspace(vmx_boot):
         [hex(r.status) for r in entries]
     # The NMI came from nowhere the host knows: its handler says so, once, on the vCPU's CPU.
     log = kernel_log(machine)
-    nmis = [m for m in map(patterns.UNKNOWN_NMI.search, (r.text for r in log.records)) if m]
+    nmis = log.matches(patterns.UNKNOWN_NMI)
     assert [int(m["cpu"]) for m in nmis] == [entries[1].cpu], [m.string for m in nmis]
     assert_no_td_left(machine)

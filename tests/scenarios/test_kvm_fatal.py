@@ -90,7 +90,7 @@ def test_kvm_non_recoverable_exit_reaches_userspace_and_the_td_is_torn_down(vmx_
     check_run(again, again_outcome)
 
     log = kernel_log(machine, allow=(Crash.WARN,))
-    warned = {m["func"] for m in map(patterns.WARNING.search, (r.text for r in log.records)) if m}
+    warned = {m["func"] for m in log.matches(patterns.WARNING)}
     findings = []
     if KVM_EXIT_INTERNAL_ERROR in (first_outcome.kvm_exit, again_outcome.kvm_exit) and REG_CACHE_WARN in warned:
         findings.append("an exit KVM does not handle WARNs in vt_cache_reg (vcpu_unimpl() reads the TD's RIP)")
@@ -107,7 +107,7 @@ def test_kvm_non_recoverable_exit_reaches_userspace_and_the_td_is_torn_down(vmx_
 def fatal_teardown_findings(machine, log, warned: set[str]) -> list[str]:
     """The fatal TD's teardown as KVM 7.3 does it: the known WARNs (taken out of ``warned``), the
     failed RANGE.BLOCK, and what the module still holds for the TD."""
-    failed = [m for m in map(patterns.KVM_SEAMCALL_FAILED.search, (r.text for r in log.records)) if m]
+    failed = log.matches(patterns.KVM_SEAMCALL_FAILED)
     blocked = [m for m in failed if m["leaf"] == "TDH_MEM_RANGE_BLOCK"
                and int(m["status"], 16) == Status.TDX_TD_FATAL | abi.STATUS_FATAL]
     if not blocked or not warned & FATAL_TEARDOWN_WARNS:

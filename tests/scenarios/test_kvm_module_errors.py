@@ -153,11 +153,11 @@ def one_life(sweep: Sweep, leaf: int) -> Outcome:
     module.faults.clear()
     outcome.failed_steps = [f"{s.step}: ret {s.ret} errno {s.errno}" for s in run.failed()]
     log = sweep.log_since_last()
-    messages = [m for m in map(patterns.KVM_SEAMCALL_FAILED.search, (r.text for r in log.records)) if m]
+    messages = log.matches(patterns.KVM_SEAMCALL_FAILED)
     outcome.seamcall_messages = [f"{m['leaf']} {m['status']}" for m in messages]
     if not outcome.failed_steps and not messages:
         outcome.broken[SILENT] = "the error reached neither userspace nor the kernel log"
-    warned = [m["func"] for m in map(patterns.WARNING.search, (r.text for r in log.records)) if m]
+    warned = [m["func"] for m in log.matches(patterns.WARNING)]
     intended = [m for m in messages if int(m["status"], 16) == ERROR or m["leaf"] == INTENDED_KNOCK_ON.get(leaf)]
     if len(warned) > len(intended):
         others = [f"{m['leaf']} {m['status']}" for m in messages if m not in intended]

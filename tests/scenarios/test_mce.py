@@ -339,7 +339,7 @@ def check_rdmd(outcome: Outcome, mce: Mce, cond: MceConditions, case: Case) -> R
 def check_record(log: Timeline, mce: Mce) -> None:
     """mce_panic() printed our bank's record: the status as injected, the address at the
     granularity MISC gives (a page)."""
-    records = [m for m in map(patterns.MCE_RECORD.search, (r.text for r in log.records)) if m]
+    records = log.matches(patterns.MCE_RECORD)
     ours = [m for m in records if int(m["status"], 16) == mce.status and int(m["bank"]) == mce.bank]
     assert ours, f"no record of bank {mce.bank} with status {mce.status:#x}; records: {[m.string for m in records]}"
     addr = log.expect(patterns.MCE_RECORD_ADDR)
