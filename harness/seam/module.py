@@ -194,12 +194,12 @@ class TdxModule:
         version = (request.fn >> abi.LEAF_VERSION_SHIFT) & abi.LEAF_VERSION_MASK
         if request.fn >> 24 or not self.platform.profile.leaf_version_ok(number, version):
             return abi.with_operand(Status.TDX_OPERAND_INVALID, OperandId.RAX)
-        # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
-        # module source implements DISABLE); after TDH.SYS.SHUTDOWN (the handoff is written) the
-        # module takes LP.SHUTDOWN only, as the real one, and DISABLE (Linux's reboot path).
         if self.state.disable_calls and number != Leaf.TDH_SYS_DISABLE:
             # A teardown under way locks out new TDH.SYS.* calls (Linux's tdx_sys_disable() comment).
             return Status.TDX_SYS_BUSY if number in abi.SYS_LEAVES else Status.TDX_SYS_SHUTDOWN
+        # SYS.INIT after TDH.SYS.DISABLE starts over (the harness's reading of Linux: no public
+        # module source implements DISABLE); after TDH.SYS.SHUTDOWN (the handoff is written) the
+        # module takes LP.SHUTDOWN only, as the real one, and DISABLE (Linux's reboot path).
         if self.state.sys is SysState.SYS_SHUTDOWN and number not in (
                 _DISABLED_LEAVES if self.state.handoff is None else _HANDED_OFF_LEAVES):
             return Status.TDX_SYS_SHUTDOWN
