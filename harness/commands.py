@@ -23,7 +23,7 @@ from harness.kernel.source import SourceError
 from harness.launch import Images, prepare_images, start_machine
 from harness.machine.base import MachineError
 from harness.machine.bochs_install import HOST_LIBRARY_PACKAGES, BochsUnavailable, fetch_bochs
-from harness.machine.console import ConsoleError
+from harness.machine.channel import ChannelError
 from harness.machine.qemu import QemuConfig, parse_size
 from harness.repro import BundleError, harness_commit, open_bundle, reproduce
 from harness.run import CommandError, run
@@ -130,17 +130,17 @@ def cmd_boot(args: argparse.Namespace) -> int:
         release = machine.wait_ready(args.timeout)
         log.info("guest %s is up", release)
         if args.command is None:
-            print(f"guest shell on the console (end with Ctrl-D; `poweroff -f` powers off); "
-                  f"console log: {machine.console_log}", file=sys.stderr)
+            print(f"guest shell on the command channel, kernel messages shown as they come (end with "
+                  f"Ctrl-D; `poweroff -f` powers off); console log: {machine.console_log}", file=sys.stderr)
             machine.interact(sys.stdin, sys.stdout)
             status = 0
         else:
-            # The user's command output as it is (dmesg lines look like kernel messages).
-            result = machine.run(args.command, args.timeout, strip_printk=False)
+            # The command's output exactly as written: its own channel, no kernel message in it.
+            result = machine.run(args.command, args.timeout)
             sys.stdout.write(result.output)
             status = result.status
         machine.power_off(60)
-    except (MachineError, ConsoleError) as err:
+    except (MachineError, ChannelError) as err:
         print(f"tdxh boot: {err}", file=sys.stderr)
         status = 1
     finally:
@@ -203,6 +203,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if args.coverage_compare is not None and not args.coverage_compare.is_file():
         print(f"tdxh nightly: --coverage-compare {args.coverage_compare}: no such file", file=sys.stderr)
         return 2
+    try:  # before the run: a wrong history directory must not cost a whole nightly
+        history = report.load_history(args.history) if args.history else None
+    except (report.HistoryError, OSError, ValueError, KeyError) as err:
+        print(f"tdxh nightly: --history: {err}", file=sys.stderr)
+        return 2
     if args.cache:
         os.environ["TDXH_CACHE"] = str(args.cache)  # the scenarios' own pytest runs use it too
     # Each scenario's pytest gets --coverage explicitly (or not): never from the environment.
@@ -226,7 +231,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         status = status or 1
     results = report.load_results(job_dir, out, {t.nodeid: out / t.junit for t in tests})
     page = report.write_report(results, out, f"tdx-harness nightly {time.strftime('%Y-%m-%d %H:%M')}: "
-                                             f"{images.identity}", coverage, args.coverage_compare)
+                                             f"{images.identity}", coverage, args.coverage_compare, history)
     failed = [r for r in results if r.status not in ("PASS", "SKIP")]
     for result in failed:
         print(f"{result.status} {result.nodeid}: {result.failure}")
@@ -269,6 +274,9 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "report.html")
     p.add_argument("--coverage-compare", type=Path, metavar="OLD/coverage-summary.json",
                    help="with --coverage: per-file changes against an earlier run's summary (drops first)")
+    p.add_argument("--history", type=Path, nargs="+", metavar="OLD_OUT",
+                   help="earlier nightly output directories (oldest first): report.html shows each test's pass "
+                        "rate over them and this run, and lists the flaky ones")
     p.add_argument("pytest_args", nargs="*", help="pytest selection for the scenarios (after --), e.g. -- -k kexec")
     p.set_defaults(func=cmd_nightly)
 

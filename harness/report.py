@@ -18,7 +18,8 @@ from harness.seam.trace import TraceRecord, read_trace
 
 # Avocado statuses, worst first: the table's order.
 STATUS_ORDER = ("ERROR", "FAIL", "INTERRUPT", "CANCEL", "WARN", "SKIP", "PASS")
-LOG_FILES = ("console.log", "seamcalls.jsonl", "qemu.cmdline", "bochs.cmdline", "platform.json", "faults.json")
+LOG_FILES = ("console.log", "commands.log", "seamcalls.jsonl", "qemu.cmdline", "bochs.cmdline", "platform.json",
+             "faults.json")
 TIMELINE = "timeline.svg"  # beside each machine's seamcalls.jsonl
 TIMELINE_WIDTH, LANE_HEIGHT, LABEL_WIDTH = 900, 16, 190
 
@@ -38,6 +39,38 @@ class TestResult:
 
     def traces(self) -> list[Path]:
         return sorted(self.artifacts.glob("*/seamcalls.jsonl")) if self.artifacts.is_dir() else []
+
+
+class HistoryError(Exception):
+    """A directory given as history is not the output of a nightly run."""
+
+
+@dataclass(frozen=True)
+class History:
+    """Each test's statuses in earlier nightly runs, oldest first (a test missing from a run has
+    no entry for it)."""
+
+    runs: int
+    statuses: dict[str, list[str]]
+
+    def rate(self, result: TestResult) -> tuple[int, int]:
+        """(passed, ran) over the earlier runs and this one; skips do not count as runs."""
+        seen = [*self.statuses.get(result.nodeid, []), result.status]
+        ran = [status for status in seen if status != "SKIP"]
+        return sum(status == "PASS" for status in ran), len(ran)
+
+
+def load_history(directories: Sequence[Path]) -> History:
+    """The statuses of earlier nightly output directories (``tdxh nightly --out``), given oldest
+    first: avocado's results.json of the job each holds."""
+    statuses: dict[str, list[str]] = {}
+    for directory in directories:
+        jobs = sorted((directory / "job").glob("job-*/results.json"))
+        if not jobs:
+            raise HistoryError(f"{directory}: no job/job-*/results.json: not the output directory of a tdxh nightly")
+        for test in json.loads(jobs[-1].read_text())["tests"]:
+            statuses.setdefault(test["name"], []).append(test["status"])
+    return History(len(directories), statuses)
 
 
 def load_results(job_dir: Path, out: Path, junit_of: dict[str, Path]) -> list[TestResult]:
@@ -155,28 +188,50 @@ def coverage_section(directory: Path | None, out: Path, compare_with: Path | Non
     return f"<h2>Coverage of the TDX host code</h2><p>{links}</p><pre>{html.escape(text)}</pre>"
 
 
-def render(results: Sequence[TestResult], out: Path, title: str, coverage: str = "") -> str:
+def _history_cell(result: TestResult, history: History) -> str:
+    passed, ran = history.rate(result)
+    flaky = 0 < passed < ran
+    return f'<td class="{"flaky" if flaky else ""}">{passed}/{ran}</td>'
+
+
+def history_section(results: Sequence[TestResult], history: History) -> str:
+    """The tests that passed in some of the runs and not in others, least reliable first."""
+    rates = [(r, *history.rate(r)) for r in results]
+    flaky = sorted(((r, p, n) for r, p, n in rates if 0 < p < n), key=lambda item: (item[1] / item[2], item[0].nodeid))
+    rows = "".join(f"<tr><td>{p}/{n}</td><td>{html.escape(r.nodeid)}</td></tr>" for r, p, n in flaky)
+    table = f"<table><tr><th>passed</th><th>test</th></tr>{rows}</table>" if rows else "<p>none</p>"
+    return (f"<h2>Flaky over the last {history.runs + 1} runs</h2>"
+            f"<p>Pass rates over this run and {history.runs} earlier ones.</p>{table}")
+
+
+def render(results: Sequence[TestResult], out: Path, title: str, coverage: str = "",
+           history: History | None = None) -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS_ORDER}
     failed = [r for r in results if r.status not in ("PASS", "SKIP")]
     rows = "".join(
         f'<tr class="{r.status.lower()}"><td>{r.status}</td><td>{html.escape(r.nodeid)}</td>'
-        f'<td>{r.seconds:.1f}</td><td>{html.escape(r.failure)}</td><td>{_links(r, out)}</td></tr>'
+        f'<td>{r.seconds:.1f}</td>{_history_cell(r, history) if history else ""}<td>{html.escape(r.failure)}</td>'
+        f'<td>{_links(r, out)}</td></tr>'
         for r in results)
     sections = "".join(
         f'<h3>{html.escape(r.nodeid)}</h3><p>{html.escape(r.failure)}</p>'
         + "".join(f"<p>{html.escape(t.parent.name)}</p>{_timeline_of(t)}" for t in r.traces())
         for r in failed)
     summary = " | ".join(f"{status} {n}" for status, n in counts.items() if n)
+    passed_header = "<th>passed</th>" if history else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body {{ font-family: sans-serif; margin: 1em 2em; }} table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; font-size: 13px; vertical-align: top; }}
 tr.fail td:first-child, tr.error td:first-child, tr.interrupt td:first-child {{ background: #f99; }}
 tr.pass td:first-child {{ background: #9d9; }} tr.skip td:first-child {{ background: #ddd; }}
+td.flaky {{ background: #fd8; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p><b>{len(results)} tests: {summary}</b></p>
-<table><tr><th>status</th><th>test</th><th>s</th><th>failure</th><th>logs</th></tr>{rows}</table>
+<table><tr><th>status</th><th>test</th><th>s</th>{passed_header}<th>failure</th><th>logs</th></tr>
+{rows}</table>
+{history_section(results, history) if history else ""}
 {coverage}
 <h2>Failures: SEAMCALL timelines</h2>{sections or "<p>none</p>"}
 </body></html>
@@ -184,9 +239,9 @@ tr.pass td:first-child {{ background: #9d9; }} tr.skip td:first-child {{ backgro
 
 
 def write_report(results: Sequence[TestResult], out: Path, title: str, coverage: Path | None = None,
-                 coverage_compare: Path | None = None) -> Path:
+                 coverage_compare: Path | None = None, history: History | None = None) -> Path:
     for result in results:  # first: the page embeds the failures' pictures from these files
         write_timelines(result)
     path = out / "report.html"
-    path.write_text(render(results, out, title, coverage_section(coverage, out, coverage_compare)))
+    path.write_text(render(results, out, title, coverage_section(coverage, out, coverage_compare), history))
     return path

@@ -3,9 +3,9 @@
 The guest's debugfs shows one ``.gcda`` per profiled object (``/sys/kernel/debug/gcov/<build
 dir>/<object>.gcda``), generated from the live counters at each read. The dump copies each file
 to tmpfs first (one read: the copy and its checksum agree even while the counters run on), then
-prints its length and MD5 and the gzip'd copy in base64 over the shell's console. The harness
-decodes and checks both; a damaged copy (a byte lost on the console) is read again, and one that
-stays damaged is never written: it becomes a blind spot.
+prints its length and MD5 and the gzip'd copy in base64 over the command channel. The harness
+decodes and checks both; a damaged copy is never written: it becomes a blind spot, and the
+error names it (the channel carries exactly what the guest printed, so damage is a defect).
 
 One kernel's counters only grow, so each kernel (``k<N>``, counted per machine: a reboot, kexec
 or crash dump starts the next) keeps its last snapshot. What runs after the last snapshot of a
@@ -23,21 +23,19 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.coverage.objects import GUEST_GCOV_ROOT, PROFILED, CoverageBuild
 from harness.machine.base import Machine, MachineError
-from harness.machine.console import ConsoleError
+from harness.machine.channel import ChannelError
 
 log = logging.getLogger("harness.coverage")
 
 EVENTS_FILE = "events.json"
 MARK = "TDXH-GCDA"
 END = "TDXH-GCDA-END"
-READS = 3  # a damaged copy is read again, up to this many reads in all
-# Per read: a few hundred KB of base64 over the console; Bochs moves it far slower than QEMU.
+# A few hundred KB of base64 over the command channel; Bochs moves it far slower than QEMU.
 DUMP_TIMEOUT = 600.0
 SCRATCH = "/tmp/tdxh.gcda"
 LOCKDOWN = "/sys/kernel/security/lockdown"
@@ -50,7 +48,7 @@ class CoverageError(Exception):
 @dataclass(frozen=True)
 class GcdaCopy:
     """One counter file as the guest printed it: its debugfs path, what its length and MD5 were
-    in the guest, and the bytes the console delivered."""
+    in the guest, and the bytes the command channel delivered."""
 
     path: str
     length: int
@@ -63,10 +61,9 @@ class GcdaCopy:
         return data is not None and len(data) == self.length and hashlib.md5(data).hexdigest() == self.md5
 
 
-def dump_command(paths: Iterable[str] | None = None, root: str = GUEST_GCOV_ROOT) -> str:
-    """The guest command printing every counter file under ``root`` (or just ``paths``)."""
-    files = " ".join(paths) if paths is not None else f"$(find {root} -name '*.gcda')"
-    return (f"for f in {files}; do cat $f > {SCRATCH} || continue; "
+def dump_command(root: str = GUEST_GCOV_ROOT) -> str:
+    """The guest command printing every counter file under ``root``."""
+    return (f"for f in $(find {root} -name '*.gcda'); do cat $f > {SCRATCH} || continue; "
             f'echo "{MARK} $f $(wc -c < {SCRATCH}) $(md5sum < {SCRATCH})"; gzip -c {SCRATCH} | base64; done; '
             f"rm -f {SCRATCH}; echo {END}")
 
@@ -128,17 +125,10 @@ def read_counters(machine: Machine, build: CoverageBuild) -> dict[str, bytes]:
     if foreign:
         raise CoverageError(f"the guest's counters belong to a kernel built elsewhere ({foreign[0]}), not to "
                             f"{build.build_dir}: the booted kernel is not this coverage build")
-    for attempt in range(2, READS + 1):
-        damaged = [path for path, copy in ours.items() if not copy.intact]
-        if not damaged:
-            break
-        log.warning("counter copies damaged on the console, read %d of %d: %s", attempt, READS, damaged)
-        for copy in parse_dump(machine.run(dump_command(damaged), DUMP_TIMEOUT).output):
-            if copy.path in ours:
-                ours[copy.path] = copy
     damaged = [path for path, copy in ours.items() if not copy.intact]
     if damaged:
-        raise CoverageError(f"counter copies still damaged after {READS} reads (length or MD5 differ): {damaged}")
+        raise CoverageError(f"counter copies damaged (length or MD5 differ from the guest's): {damaged}; "
+                            f"the dump is in {machine.run_dir / 'commands.log'}")
     return {object_of(path) or path: copy.data or b"" for path, copy in ours.items()}
 
 
@@ -208,7 +198,7 @@ class ScenarioCoverage:
         start = time.monotonic()
         try:
             counters = read_counters(machine, self.build)
-        except (CoverageError, ConsoleError, MachineError) as err:
+        except (CoverageError, ChannelError, MachineError) as err:
             log.warning("%s: no counters of kernel %d (%s): %s", self.scenario, kernel.kernel, why, err)
             kernel.blind.append(f"the counters at '{why}' could not be read: {err}")
             return

@@ -30,7 +30,7 @@ log = logging.getLogger("harness.images")
 DEFAULT_BUSYBOX = Path("/bin/busybox")  # Debian busybox-static
 DEFAULT_KEXEC = Path("/sbin/kexec")  # Debian kexec-tools; dynamically linked (Xen libraries)
 # Applets the init script runs; a busybox without them boots to no readiness marker.
-REQUIRED_APPLETS = ("sh", "mount", "mkdir", "cat", "uname", "stty", "setsid", "cttyhack", "poweroff")
+REQUIRED_APPLETS = ("sh", "mount", "mkdir", "cat", "uname", "stty", "setsid", "poweroff")
 # Directories the init script and `busybox --install -s` expect (it does not create them).
 BASE_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root")
 # An SSH server in the guest, so the --target ssh:// scenarios have a server to be tested

@@ -11,19 +11,24 @@ import gzip
 import hashlib
 import logging
 import re
+import secrets
 import subprocess
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TextIO, TypeVar
 
 from harness.deadline import Deadline
-from harness.machine.console import CommandResult, Console, ConsoleClosed, ConsoleError, ConsoleTimeout
+from harness.machine.channel import ChannelClosed, ChannelError, ChannelTimeout, ChannelWaitError, show_tail
+from harness.machine.console import Console
+from harness.machine.shell import CommandResult, Shell
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PUT_LINE = 3000  # base64 characters a line of put_file()
+FOLLOW_STOP_SECONDS = 2.0  # interact: the console follower wakes every WAIT_SLICE
 
 # Every machine that was started, stopped again when the interpreter exits: an interrupt that
 # lands between start() and the caller's try/finally (a Ctrl-C at the wrong bytecode) must still
@@ -86,9 +91,11 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def start(self) -> None: ...
 
-    # The guest shell over the console, the same on every emulator: a backend sets _console once
-    # its console is connected, and _broken when a failure leaves the machine unusable.
+    # The guest's two channels, the same on every emulator: the console (COM1, the kernel's
+    # messages) and the command channel (COM4, the shell). A backend sets them once connected, and
+    # _broken when a failure leaves the machine unusable.
     _console: Console | None
+    _shell: Shell | None
     _broken: BaseException | None
     # The emulator's process (set by start()), its name for messages, its exit code once ended.
     _proc: subprocess.Popen[bytes] | None
@@ -120,12 +127,12 @@ class Machine(abc.ABC):
         _started[:] = [ref for ref in _started if ref() is not None]
         _started.append(weakref.ref(self))
 
-    def _require_running(self) -> Console:
+    def _require_running(self) -> tuple[Console, Shell]:
         if self._broken is not None:
             raise MachineBroken(f"machine is broken: {self._broken}") from self._broken
-        if self.state is not RunState.RUNNING or self._console is None:
+        if self.state is not RunState.RUNNING or self._console is None or self._shell is None:
             raise MachineBroken(f"machine is {self.state.value}, not running")
-        return self._console
+        return self._console, self._shell
 
     def alive(self) -> bool:
         """Running, not broken, its emulator not exited: a command may still get an answer."""
@@ -133,40 +140,64 @@ class Machine(abc.ABC):
                 and (self._proc is None or self._proc.poll() is None))
 
     def wait_ready(self, timeout: float) -> str:
-        """Wait for the initramfs readiness marker; returns the guest's kernel release."""
-        console = self._require_running()
+        """Wait for the shell's readiness marker; returns the guest's kernel release."""
+        _, shell = self._require_running()
         try:
-            release = self._diagnosed(lambda: console.wait_ready(Deadline.after(timeout)))
-        except ConsoleError as err:
+            release = self._diagnosed(lambda: shell.wait_ready(Deadline.after(timeout)))
+        except ChannelError as err:
             self._broken = err
             raise
         self.shell_ready = True
         return release
 
     def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Wait for ``pattern`` on the console, after what earlier waits consumed."""
-        console = self._require_running()
+        """Wait for ``pattern`` on the console (the kernel's messages), after what earlier waits
+        consumed."""
+        console, _ = self._require_running()
         return self._diagnosed(lambda: console.expect(pattern, Deadline.after(timeout)))
+
+    def expect_output(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait for ``pattern`` in what the shell printed after the last command: for a command
+        sent with `send()` that reports back by itself."""
+        _, shell = self._require_running()
+        return self._diagnosed(lambda: shell.expect(pattern, Deadline.after(timeout)))
 
     def wait_quiet(self, period: float, timeout: float) -> None:
         """Wait until the console has been silent for ``period`` seconds."""
-        console = self._require_running()
+        console, _ = self._require_running()
         self._diagnosed(lambda: console.wait_quiet(period, Deadline.after(timeout)))
 
-    def run(self, cmd: str, timeout: float, *, strip_printk: bool = True) -> CommandResult:
-        """Run a shell command in the guest; ``strip_printk`` drops kernel lines from the output
-        (pass False for commands that print kernel-log lines themselves, like dmesg)."""
-        console = self._require_running()
-        return self._diagnosed(lambda: console.run(cmd, timeout, strip_printk=strip_printk))
+    def run(self, cmd: str, timeout: float) -> CommandResult:
+        """Run a shell command in the guest; its output exactly as it wrote it (stdout and stderr
+        together). Later console waits start after what the console held when it was sent."""
+        console, shell = self._require_running()
+        console.skip()
+        return self._diagnosed(lambda: shell.run(cmd, timeout))
+
+    def sync_console(self, timeout: float) -> None:
+        """Return once every kernel record so far has reached the console. The console and the
+        command channel are separate ports: a command can end before the kernel's console has
+        printed what the command made it log. A marker written to /dev/kmsg now (KERN_ALERT, so
+        that any console loglevel prints it) comes out after all of them."""
+        marker = f"tdxh-console-sync-{secrets.token_hex(4)}"
+        deadline = Deadline.after(timeout)
+        result = self.run(f"echo '<1>{marker}' > /dev/kmsg", deadline.remaining())
+        if result.status != 0:
+            raise MachineError(f"writing the console sync marker to /dev/kmsg exited {result.status}: "
+                               f"{result.output[-300:]}")
+        self.expect(re.compile(re.escape(marker) + r"\n"), deadline.remaining())
 
     def _diagnosed(self, wait: Callable[[], T]) -> T:
-        """``wait()``; when the guest does not answer in time, what the emulator can tell about
-        its CPUs goes to a file named in the error (the guest may be hung, not just slow)."""
+        """``wait()``; when the guest does not answer on the command channel, the console's last
+        lines go with the error (a panic or an oops says why); when it does not answer in time,
+        what the emulator can tell about its CPUs goes to a file named in the error (the guest may
+        be hung, not just slow)."""
         try:
             return wait()
-        except ConsoleTimeout as err:
-            report = self.hang_report()
-            if report is not None:
+        except ChannelWaitError as err:
+            if self._console is not None and err.log_path != self._console.log_path:
+                err.add_note(show_tail("console", self._console.log_path, self._console.tail()))
+            if isinstance(err, ChannelTimeout) and (report := self.hang_report()) is not None:
                 err.add_note(f"guest state at the timeout: {report}")
             raise
 
@@ -194,10 +225,34 @@ class Machine(abc.ABC):
                                f"has {result.output.strip()!r}")
 
     def send(self, cmd: str) -> None:
-        """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash)."""
-        self._require_running().send(cmd)
+        """Send a command line the shell will not answer (reboot, kexec -e, a sysrq crash).
+        Later console waits start after what the console held when it was sent."""
+        console, shell = self._require_running()
+        console.skip()
+        shell.send(cmd)
+
+    def interact(self, stdin: TextIO, stdout: TextIO) -> None:
+        """Hand the shell to a person: stdin lines go to it; its output and the kernel's
+        messages go to stdout as they arrive, until stdin ends or the machine ends."""
+        console, shell = self._require_running()
+        done = threading.Event()
+        follower = threading.Thread(target=console.follow, args=(stdout, done), name="console-follow", daemon=True)
+        follower.start()
+        try:
+            shell.interact(stdin, stdout)
+        finally:
+            done.set()
+            follower.join(FOLLOW_STOP_SECONDS)
+
+    def _close_channels(self) -> None:
+        """Close both channels (before waiting for the emulator: QEMU cannot exit while a
+        connected socket of it is unread)."""
+        for channel in (self._console, self._shell):
+            if channel is not None:
+                channel.close()
 
     def console_lines(self) -> list[str]:
+        """The console so far: the kernel's messages as printed."""
         return self._console.lines() if self._console else []
 
     def reboot(self, timeout: float) -> str:
@@ -208,13 +263,13 @@ class Machine(abc.ABC):
     def power_off(self, timeout: float) -> int | None:
         """``poweroff -f`` in the guest; kills the emulator if it has not ended after ``timeout``.
         Returns the emulator's exit code (as wait_exit())."""
-        console = self._require_running()
+        _, shell = self._require_running()
         self.kernel_ending("power-off")
         try:
-            console.run("poweroff -f", timeout)
-        except ConsoleClosed:
-            pass  # expected: the emulator exits and closes the console mid-command
-        except ConsoleTimeout:
+            shell.run("poweroff -f", timeout)
+        except ChannelClosed:
+            pass  # expected: the emulator exits and closes the channel mid-command
+        except ChannelTimeout:
             log.warning("guest did not power off within %.0fs", timeout)
         return self.wait_exit(timeout)
 

@@ -42,9 +42,11 @@ from harness.images.iso import IsoError, IsoRequest, build_iso
 from harness.kernel.symbols import name_sites
 from harness.machine.base import Boot, LaunchError, Machine, RunState
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, bochs_env, fetch_bochs
+from harness.machine.channel import UARTS, quickack
 from harness.machine.console import Console
-from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, end_process_group, loopback_listener
+from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, connect_channels, end_process_group, loopback_listener
 from harness.machine.qemu import parse_size
+from harness.machine.shell import Shell
 from harness.machine.sockdir import socket_dir
 from harness.seam.faults import FaultPlan
 from harness.seam.module import TdxModule
@@ -68,7 +70,7 @@ TD_MIN_IPS = 100_000_000
 # - no setcpuid=movdir64b: the tigerlake model has MOVDIR64B, so the real instruction runs;
 # - reboot=t: every reboot (panic=-1 included) is a triple fault, which Bochs turns into its
 #   exit (reset_on_triple_fault=0 with panic: action=fatal): QEMU's -no-reboot.
-BASE_APPEND = "console=ttyS0,115200 8250.nr_uarts=1 nohibernate panic=-1 reboot=t printk.time=1"
+BASE_APPEND = f"console=ttyS0,115200 {UARTS} nohibernate panic=-1 reboot=t printk.time=1"
 
 CONNECT_TIMEOUT = 120.0  # Bochs loads its plugins and ROMs before it connects its serial ports
 STOP_TIMEOUT = 5.0
@@ -164,6 +166,7 @@ class BochsFiles:
     log: Path
     console_port: int
     seam_port: int | None  # None: COM2 exists but nothing is connected (no module answers)
+    command_port: int
 
 
 def _value(path: Path) -> str:
@@ -175,7 +178,7 @@ def _value(path: Path) -> str:
 
 def render_bochsrc(config: BochsConfig, files: BochsFiles) -> str:
     """The bochsrc for ``config``: headless (term display in a pseudo-terminal), COM1 the
-    console and COM2 the module, both as TCP clients of the harness."""
+    console, COM2 the module and COM4 the command channel, all TCP clients of the harness."""
     com2 = (f"com2: enabled=1, mode=socket-client, dev={LOOPBACK}:{files.seam_port}" if files.seam_port is not None
             else "com2: enabled=1, mode=null")
     lines = [
@@ -196,6 +199,7 @@ def render_bochsrc(config: BochsConfig, files: BochsFiles) -> str:
         "clock: sync=none, time0=utc",
         f"com1: enabled=1, mode=socket-client, dev={LOOPBACK}:{files.console_port}",
         com2,
+        f"com4: enabled=1, mode=socket-client, dev={LOOPBACK}:{files.command_port}",
         f"log: {_value(files.log)}",
         # A Bochs panic (and a guest triple fault) ends Bochs instead of asking on the terminal.
         "panic: action=fatal",
@@ -283,41 +287,9 @@ def _chunks(fd: int) -> Iterator[bytes]:
         yield data
 
 
-def _quickack(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # the peer may be gone already
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-
-class _QuickAckSocket:
-    """A connected TCP socket from Bochs that acknowledges every read at once.
-
-    Why: Bochs writes its UARTs to the socket one byte per send() with Nagle's algorithm on, so
-    after the first byte of a burst it waits for an ACK, and Linux delays ACKs by up to 40 ms:
-    every frame from the guest arrived as 1 byte, then the rest ~40 ms later. TCP_QUICKACK is
-    not sticky, so it is set again after each read."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        _quickack(sock)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def recv(self, bufsize: int, /) -> bytes:
-        data = self._sock.recv(bufsize)
-        _quickack(self._sock)
-        return data
-
-    def sendall(self, data: bytes, /) -> None:
-        self._sock.sendall(data)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
 class _ModuleBridge:
     """Carries COM2 between Bochs (a TCP client: Bochs serial ports speak TCP only) and the
-    module server on a Unix socket, acknowledging Bochs's bytes at once (see _QuickAckSocket):
+    module server on a Unix socket, acknowledging Bochs's bytes at once (see process.QuickAckSocket):
     measured SEAMCALL round trip 48 ms without, 12 ms with (ips 10M, loaded 2-core host).
     One connection, both directions on one thread; EOF on either side ends it."""
 
@@ -357,7 +329,7 @@ class _ModuleBridge:
                     source, sink = peers[key.fd]
                     data = source.recv(65536)
                     if source is guest:
-                        _quickack(guest)
+                        quickack(guest)
                     if not data:
                         return
                     sink.sendall(data)
@@ -385,12 +357,14 @@ class BochsMachine(Machine):
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.run_dir / "console.log"
+        self.commands_log = self.run_dir / "commands.log"
         self.bochs_log = self.run_dir / "bochs.log"
         self.terminal_log = self.run_dir / "terminal.log"
         self.bochsrc = self.run_dir / "bochsrc"
         self._proc: subprocess.Popen[bytes] | None = None
         self._terminal: _TerminalDrain | None = None
         self._console: Console | None = None
+        self._shell: Shell | None = None
         self._seam: SeamServer | None = None
         self._bridge: _ModuleBridge | None = None
         self._sock_dir: Path | None = None
@@ -400,9 +374,9 @@ class BochsMachine(Machine):
 
     def start(self) -> None:
         self._track()
-        for stale in (self.console_log, self.bochs_log, self.terminal_log):
+        for stale in (self.console_log, self.commands_log, self.bochs_log, self.terminal_log):
             stale.unlink(missing_ok=True)  # these append: start each machine afresh
-        listener = loopback_listener()
+        listeners = (loopback_listener(), loopback_listener())  # console, command channel
         try:  # every failure below goes through stop(): sockets, trace file, process group
             install = self._install()
             iso = self._boot_image()
@@ -411,8 +385,9 @@ class BochsMachine(Machine):
                 self._seam = SeamServer(self.module, self._sock_dir / "seam").start()
                 self._bridge = _ModuleBridge(self._sock_dir / "seam")
             files = BochsFiles(install.bios, install.vgabios, iso, self.bochs_log,
-                               console_port=listener.getsockname()[1],
-                               seam_port=self._bridge.port if self._bridge else None)
+                               console_port=listeners[0].getsockname()[1],
+                               seam_port=self._bridge.port if self._bridge else None,
+                               command_port=listeners[1].getsockname()[1])
             self.bochsrc.write_text(render_bochsrc(self.config, files))
             self.command = DIE_WITH_PARENT + install.command("-q", "-f", str(self.bochsrc))
             shown = f"cd {shlex.quote(str(self.run_dir))} && {install.shell_prefix()} -q -f {self.bochsrc}"
@@ -420,15 +395,16 @@ class BochsMachine(Machine):
             log.info("$ %s", shown)
             proc = self._launch(install)
             self.state = RunState.RUNNING
-            sock = accept_console(listener, proc, Deadline.after(CONNECT_TIMEOUT), self.emulator, self.command,
-                                  self.output_tail)
-            self._console = Console(_QuickAckSocket(sock), self.console_log)
+            self._console, self._shell = connect_channels(
+                listeners, proc, Deadline.after(CONNECT_TIMEOUT), self.emulator, self.command, self.output_tail,
+                (self.console_log, self.commands_log), ack_at_once=True)
         except BaseException as err:
             self._broken = err
             self.stop()
             raise
         finally:
-            listener.close()
+            for listener in listeners:
+                listener.close()
 
     def _install(self) -> BochsInstall:
         if self.install is None:
@@ -488,8 +464,7 @@ class BochsMachine(Machine):
 
     def stop(self) -> None:
         try:
-            if self._console is not None:
-                self._console.close()
+            self._close_channels()
             if self._seam is not None:
                 self._seam.stop()
                 self._seam = None

@@ -3,7 +3,7 @@ lifecycle around it (sockets listening first, QEMU in its own process group that
 harness, soft then hard stop).
 
 QEMU comes from Debian bookworm (7.2): installable on a fresh Debian 12 with plain apt, and it
-emulates everything the TDX host code needs under TCG (q35, ACPI S3, NUMA, two 16550s, QMP,
+emulates everything the TDX host code needs under TCG (q35, ACPI S3, NUMA, 16550 UARTs, QMP,
 MCE injection). Newer QEMU (bookworm-backports 10.0) works too: pass ``--qemu PATH``.
 """
 
@@ -17,13 +17,15 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import ClassVar
 
 from harness.deadline import Deadline
 from harness.machine.base import Boot, LaunchError, Machine, MachineBroken, MachineError, RunState
+from harness.machine.channel import UARTS
 from harness.machine.console import Console
-from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, accept_console, end_process_group, loopback_listener
+from harness.machine.process import DIE_WITH_PARENT, LOOPBACK, connect_channels, end_process_group, loopback_listener
 from harness.machine.qmp import Qmp
+from harness.machine.shell import Shell
 from harness.machine.sockdir import socket_dir
 from harness.seam.module import TdxModule
 from harness.seam.trace import format_record
@@ -33,14 +35,15 @@ log = logging.getLogger("harness.machine.qemu")
 
 CONNECT_TIMEOUT = 30.0
 SAVE_TIMEOUT = 120.0
-# The command line every TDX boot needs under emulation: keep the 8250 driver off COM2 (the
-# module's channel), disable hibernation (else the kernel refuses TDX), force the MOVDIR64B flag
-# that TCG lacks (the shim falls back to plain stores), end the machine on panic, and keep the
-# initramfs readable (/sys/firmware/initrd) for kexec from inside the guest. tsc=nowatchdog: on a
-# loaded host the 7.3 clocksource watchdog's per-CPU skew check deadlocked a TCG guest at boot
-# (its timeout is measured on jiffies while the other CPUs sit in stop_machine with IRQs off;
-# docs/NOTES.md), and TCG's TSC against emulated HPET only gives it false skew anyway.
-BASE_APPEND = ("console=ttyS0 8250.nr_uarts=1 nohibernate setcpuid=movdir64b panic=-1 printk.time=1 retain_initrd "
+# The command line every TDX boot needs under emulation: the 8250 driver's four legacy ports
+# (channel.UARTS: the console, the module's COM2 left alone, the command channel), disable
+# hibernation (else the kernel refuses TDX), force the MOVDIR64B flag that TCG lacks (the shim
+# falls back to plain stores), end the machine on panic, and keep the initramfs readable
+# (/sys/firmware/initrd) for kexec from inside the guest. tsc=nowatchdog: on a loaded host the
+# 7.3 clocksource watchdog's per-CPU skew check deadlocked a TCG guest at boot (its timeout is
+# measured on jiffies while the other CPUs sit in stop_machine with IRQs off; docs/NOTES.md),
+# and TCG's TSC against emulated HPET only gives it false skew anyway.
+BASE_APPEND = (f"console=ttyS0 {UARTS} nohibernate setcpuid=movdir64b panic=-1 printk.time=1 retain_initrd "
                "tsc=nowatchdog")
 
 
@@ -139,9 +142,10 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
-def qemu_command(config: QemuConfig, boot: Boot, console_port: int, seam_sock: Path | None,
+def qemu_command(config: QemuConfig, boot: Boot, ports: tuple[int, int], seam_sock: Path | None,
                  qmp_sock: Path, incoming: Path | None = None) -> list[str]:
-    """The QEMU command line. ``console_port``: the harness's console listener on the loopback.
+    """The QEMU command line. ``ports``: the harness's console and command channel listeners
+    on the loopback.
     ``seam_sock`` None leaves COM2 unconnected: no module answers.
     ``incoming``: start from a machine state saved there (QemuMachine.save) instead of booting."""
     seam = ["-chardev", f"socket,id=seam0,path={seam_sock}", "-serial", "chardev:seam0"] if seam_sock else \
@@ -154,13 +158,16 @@ def qemu_command(config: QemuConfig, boot: Boot, console_port: int, seam_sock: P
         *config.numa_args(),
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", append,
-        # COM1: console; COM2: the software TDX module. QEMU connects to the harness's sockets.
-        # The console goes over TCP, not a Unix socket: QEMU sends it one byte per send(), and a
-        # Unix socket charges each byte a whole buffer (~270 bytes fit), so a reader held up for
-        # a moment stopped the UART, and the kernel's console, tired of waiting, overwrote bytes
-        # still in its FIFO. TCP queues them by the byte (megabytes); nodelay: no Nagle wait.
-        "-chardev", f"socket,id=con0,host={LOOPBACK},port={console_port},nodelay=on", "-serial", "chardev:con0",
+        # COM1: console; COM2: the software TDX module; COM4: the command channel. QEMU connects
+        # to the harness's sockets. Console and commands go over TCP, not a Unix socket: QEMU
+        # sends them one byte per send(), and a Unix socket charges each byte a whole buffer (~270
+        # bytes fit), so a reader held up for a moment stopped the UART, and the kernel's console,
+        # tired of waiting, overwrote bytes still in its FIFO. TCP queues them by the byte
+        # (megabytes); nodelay: no Nagle wait.
+        "-chardev", f"socket,id=con0,host={LOOPBACK},port={ports[0]},nodelay=on", "-serial", "chardev:con0",
         *seam,
+        "-chardev", f"socket,id=cmd0,host={LOOPBACK},port={ports[1]},nodelay=on",
+        "-device", "isa-serial,chardev=cmd0,index=3",
         "-qmp", f"unix:{qmp_sock},server=on,wait=off",
         *config.network_args(),
         *(["-incoming", f"exec:cat {shlex.quote(str(incoming))}"] if incoming else []),
@@ -183,9 +190,11 @@ class QemuMachine(Machine):
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.run_dir / "console.log"
+        self.commands_log = self.run_dir / "commands.log"
         self.qemu_log = self.run_dir / "qemu.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: Console | None = None
+        self._shell: Shell | None = None
         self._seam: SeamServer | None = None
         self._broken: BaseException | None = None
         self._sock_dir: Path | None = None
@@ -195,10 +204,11 @@ class QemuMachine(Machine):
 
     def start(self) -> None:
         self._track()
-        self.console_log.unlink(missing_ok=True)  # the console appends: start each machine afresh
+        for stale in (self.console_log, self.commands_log):
+            stale.unlink(missing_ok=True)  # the channels append: start each machine afresh
         self._sock_dir = socket_dir()
         seam_path = self._sock_dir / "seam"
-        listener = loopback_listener()
+        listeners = (loopback_listener(), loopback_listener())  # console, command channel
         try:  # every failure below goes through stop(): sockets, trace file, process group
             if shutil.which(self.config.qemu) is None:
                 raise LaunchError(f"{self.config.qemu} not found (apt-get install qemu-system-x86)",
@@ -208,7 +218,7 @@ class QemuMachine(Machine):
                     raise LaunchError(f"{what} {path} does not exist", "", None, "")
             if self.serve_module:
                 self._seam = SeamServer(self.module, seam_path).start()
-            self.command = qemu_command(self.config, self.boot, listener.getsockname()[1],
+            self.command = qemu_command(self.config, self.boot, tuple(lst.getsockname()[1] for lst in listeners),
                                         seam_path if self.serve_module else None, self._sock_dir / "qmp",
                                         self.incoming)
             (self.run_dir / "qemu.cmdline").write_text(shlex.join(self.command) + "\n")
@@ -217,15 +227,16 @@ class QemuMachine(Machine):
                 self._proc = subprocess.Popen(DIE_WITH_PARENT + self.command, stdin=subprocess.DEVNULL, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True)
             self.state = RunState.RUNNING
-            sock = accept_console(listener, self._proc, Deadline.after(CONNECT_TIMEOUT), self.emulator, self.command,
-                                  self._qemu_output)
-            self._console = Console(sock, self.console_log)
+            self._console, self._shell = connect_channels(
+                listeners, self._proc, Deadline.after(CONNECT_TIMEOUT), self.emulator, self.command,
+                self._qemu_output, (self.console_log, self.commands_log))
         except BaseException as err:
             self._broken = err
             self.stop()
             raise
         finally:
-            listener.close()
+            for listener in listeners:
+                listener.close()
 
     def _qemu_output(self) -> str:
         try:
@@ -310,9 +321,6 @@ class QemuMachine(Machine):
         log.warning("the guest did not answer in time: its CPUs' state is in %s", path)
         return path
 
-    def interact(self, stdin: TextIO, stdout: TextIO) -> None:
-        self._require_running().interact(stdin, stdout)
-
     def qmp(self, timeout: float = CONNECT_TIMEOUT) -> Qmp:
         """The machine's QMP monitor (connected on first use, closed by stop())."""
         self._require_running()
@@ -326,8 +334,7 @@ class QemuMachine(Machine):
             if self._qmp is not None:
                 self._qmp.close()
                 self._qmp = None
-            if self._console is not None:
-                self._console.close()  # close readers before waiting for QEMU (it may block on them)
+            self._close_channels()  # before waiting for QEMU (it may block on them)
             if self._seam is not None:
                 self._seam.stop()
                 self._seam = None

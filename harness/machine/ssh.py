@@ -19,7 +19,7 @@ import paramiko
 
 from harness.deadline import WAIT_SLICE, Deadline
 from harness.machine.base import MachineError
-from harness.machine.console import CommandResult
+from harness.machine.shell import CommandResult
 
 log = logging.getLogger("harness.machine.ssh")
 

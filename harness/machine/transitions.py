@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from harness.deadline import Deadline
 from harness.images.initramfs import GUEST_KERNEL
 from harness.machine.base import MachineError
-from harness.machine.console import CommandResult, ConsoleError, ConsoleTimeout
+from harness.machine.channel import COMMAND_TTY, ChannelError, ChannelTimeout
 from harness.machine.qemu import QemuMachine
+from harness.machine.shell import CommandResult
 from harness.observe import patterns
 
 log = logging.getLogger("harness.machine.transitions")
@@ -34,7 +35,7 @@ log = logging.getLogger("harness.machine.transitions")
 KEXEC_KERNEL = GUEST_KERNEL
 KEXEC_INITRD = "/sys/firmware/initrd"
 COMMAND_TIMEOUT = 120.0
-CONSOLE_WAKEUP = "/sys/class/tty/ttyS0/power/wakeup"
+COMMAND_TTY_WAKEUP = f"/sys/class/tty/{COMMAND_TTY}/power/wakeup"
 RESUMED_MARK = "TDXH-RESUMED"
 KEYSTROKE_INTERVAL = 1.0
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
@@ -137,9 +138,9 @@ class CrashDump(Step):
 class Suspend(Step):
     """Write ``state`` (mem, freeze, disk) to /sys/power/state after selecting ``mem_sleep``
     (deep or s2idle) when given; the command's result is the step's result (the kernel may
-    refuse: TDX makes ACPI S3 fail with ENOSYS). With ``wake_by_console`` the console UART is
-    made a wakeup source and a keystroke wakes the guest once its consoles are suspended (an
-    RTC alarm does not wake s2idle under QEMU TCG: see docs/NOTES.md)."""
+    refuse: TDX makes ACPI S3 fail with ENOSYS). With ``wake_by_console`` the command channel's
+    UART is made a wakeup source and a keystroke on it wakes the guest once its consoles are
+    suspended (an RTC alarm does not wake s2idle under QEMU TCG: see docs/NOTES.md)."""
 
     state: str = "mem"
     mem_sleep: str | None = "deep"
@@ -151,7 +152,7 @@ class Suspend(Step):
         command = f"echo {self.state} > /sys/power/state"
         if not self.wake_by_console:
             return machine.run(command, COMMAND_TIMEOUT)
-        _checked(machine, f"echo enabled > {CONSOLE_WAKEUP}")
+        _checked(machine, f"echo enabled > {COMMAND_TTY_WAKEUP}")
         machine.send(f'{command}; echo "{RESUMED_MARK}:$?"')
         machine.expect(patterns.CONSOLES_SUSPENDED, COMMAND_TIMEOUT)
         return CommandResult(_wake_by_keystrokes(machine, Deadline.after(COMMAND_TIMEOUT)), "")
@@ -171,8 +172,8 @@ def _wake_by_keystrokes(machine: QemuMachine, deadline: Deadline) -> int:
         time.sleep(KEYSTROKE_INTERVAL)
         machine.send("")  # an interrupt from a wakeup-enabled UART
         try:
-            return int(machine.expect(resumed, KEYSTROKE_INTERVAL).group(1))
-        except ConsoleTimeout:
+            return int(machine.expect_output(resumed, KEYSTROKE_INTERVAL).group(1))
+        except ChannelTimeout:
             if deadline.expired():
                 raise
 
@@ -203,7 +204,7 @@ def run_steps(machine: QemuMachine, steps: Sequence[Step]) -> list[StepRecord]:
         start = time.monotonic()
         try:
             record.result = step.apply(machine)
-        except (MachineError, ConsoleError, OSError) as err:
+        except (MachineError, ChannelError, OSError) as err:
             raise TransitionError(
                 f"step {index} ({step}) failed after {[str(r.step) for r in records]}: {err}\n"
                 f"  console log: {machine.console_log}\n"

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from harness.machine.console import CommandResult
+from harness.machine.shell import CommandResult
 from harness.seam import abi
 from harness.seam.platform import CpuidConfig, CpuidValue, PlatformConfig
 

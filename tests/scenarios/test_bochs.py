@@ -44,7 +44,7 @@ def test_bochs_boot_initializes_tdx(bochs_boot):
 def test_bochs_two_cpus_lp_init_on_each(bochs_boot):
     """SMP under Bochs: LP.INIT on both CPUs (APIC ids 0 and 1, as the module's platform says).
     Only the trace is checked: with two CPUs Bochs's idle time crawls (a halted CPU advances the
-    clock one quantum per round), and reading the whole kernel log over the console takes
+    clock one quantum per round), and reading the whole kernel log over the command channel takes
     20-35 s instead of 3 s."""
     machine = bochs_boot(BochsConfig(cpus=2))
     platform = machine.module.platform

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness.machine.console import ConsoleTimeout
+from harness.machine.channel import ChannelTimeout
 from harness.machine.qemu import QemuConfig
 
 
 def test_a_guest_that_does_not_answer_leaves_its_cpu_state(boot):
     machine = boot(QemuConfig(), reuse=True)
-    with pytest.raises(ConsoleTimeout) as caught:
+    with pytest.raises(ChannelTimeout) as caught:
         machine.run("sleep 30", 1.0)  # a shell busy past the deadline stands in for a hung guest
     report = machine.run_dir / "hang.txt"
     assert f"guest state at the timeout: {report}" in getattr(caught.value, "__notes__", [])

@@ -37,7 +37,7 @@ from checks import HOLD_APPEND, hold_inside_seamcall, kernel_log, load_tdx_host
 
 from harness.deadline import Deadline
 from harness.machine import postmortem
-from harness.machine.console import ConsoleTimeout
+from harness.machine.channel import ChannelTimeout
 from harness.machine.mce import InjectFlags, Mce, debugfs_setup_command, uncorrected_memory_error
 from harness.machine.qemu import QemuConfig, QemuMachine
 from harness.machine.qmp import QmpError
@@ -268,9 +268,10 @@ def inject_hmp(machine: QemuMachine, mce: Mce, allowed: tuple[Crash, ...] = ()) 
     port lock keeps the console, panic() cannot print, and with panic=-1 it reboots before its
     last-resort takeover (nbcon_atomic_flush_unsafe): all the panic text is lost. So the
     injection waits for a console quiet for longer than the port's runtime autosuspend (see
-    QUIET_SECONDS): the shell prints nothing after its last end marker (no prompt, no echo) and
-    sits in read() (docs/NOTES.md). Should the text still be missing, the paused guest's memory
-    says why (silent-panic.txt in the run directory: panic CPU, console owner, unprinted log)."""
+    QUIET_SECONDS): the shell prints on a port of its own (COM4, whose lock is not the console's),
+    so only the kernel's own messages keep the console busy (docs/NOTES.md). Should the text
+    still be missing, the paused guest's memory says why (silent-panic.txt in the run directory:
+    panic CPU, console owner, unprinted log)."""
     machine.kernel_ending("machine check")  # before the quiet wait: a coverage dump prints
     qmp = machine.qmp()
     postmortem.hold_at_reset(qmp)
@@ -288,7 +289,7 @@ def inject_hmp(machine: QemuMachine, mce: Mce, allowed: tuple[Crash, ...] = ()) 
     reset_at = machine.module.trace.now()
     try:  # the text went out before the reset; the reader may still be behind
         machine.expect(patterns.MCE_KERNEL_PANIC, READ_BEHIND_TIMEOUT)
-    except ConsoleTimeout as err:
+    except ChannelTimeout as err:
         report = machine.run_dir / "silent-panic.txt"
         found = postmortem.examine(qmp, postmortem.kernel_symbols(machine.boot.kernel), machine.run_dir / "memory.bin")
         report.write_text(found.render() + "\n")

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 @contextmanager
 def dropbear_log_on_failure(machine: Machine) -> Iterator[None]:
-    """An SSH failure also shows what dropbear logged in the guest (read over the console)."""
+    """An SSH failure also shows what dropbear logged in the guest (read over the command channel)."""
     try:
         yield
     except SshError as err:

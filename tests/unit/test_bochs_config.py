@@ -24,7 +24,8 @@ MIB = 1 << 20
 
 def files(seam_port: int | None = 4321) -> BochsFiles:
     return BochsFiles(bios=Path("/c/BIOS-bochs-latest"), vgabios=Path("/c/vgabios.bin"), iso=Path("/c/boot.iso"),
-                      log=Path("/run/bochs.log"), console_port=1234, seam_port=seam_port)
+                      log=Path("/run/bochs.log"), console_port=1234, seam_port=seam_port,
+                      command_port=5678)
 
 
 def directives(text: str) -> dict[str, str]:
@@ -46,6 +47,7 @@ def test_default_bochsrc_is_headless_vmx_with_console_and_module_as_tcp_clients(
     assert rc["memory"] == "guest=1024, host=1024"
     assert rc["com1"] == "enabled=1, mode=socket-client, dev=127.0.0.1:1234"
     assert rc["com2"] == "enabled=1, mode=socket-client, dev=127.0.0.1:4321"
+    assert rc["com4"] == "enabled=1, mode=socket-client, dev=127.0.0.1:5678"  # the command channel
     assert rc["ata0-master"] == "type=cdrom, path=/c/boot.iso, status=inserted"
     assert rc["boot"] == "cdrom"
     assert rc["romimage"] == "file=/c/BIOS-bochs-latest, options=fastboot"
@@ -75,7 +77,7 @@ def test_bochsrc_rendering_is_pure():
 @pytest.mark.parametrize("bad", ["/a b/boot.iso", "/a,b/boot.iso", '/a"b/boot.iso'])
 def test_bochsrc_refuses_paths_its_parser_would_split(bad):
     with pytest.raises(ValueError, match="Bochs cannot take the path"):
-        render_bochsrc(BochsConfig(), BochsFiles(Path("/b"), Path("/v"), Path(bad), Path("/l"), 1, 2))
+        render_bochsrc(BochsConfig(), BochsFiles(Path("/b"), Path("/v"), Path(bad), Path("/l"), 1, 2, 3))
 
 
 @pytest.mark.parametrize(("memory", "ranges"), [
@@ -119,7 +121,7 @@ def test_config_refuses_what_bochs_cannot_build(kwargs, message):
 def test_cmdline_order_and_base():
     config = BochsConfig(extra_append="tdx_sw_module.timeout_ms=60000")
     assert config.cmdline("quiet") == f"{BASE_APPEND} tsc_early_khz=20000 quiet tdx_sw_module.timeout_ms=60000"
-    assert "console=ttyS0,115200" in BASE_APPEND and "8250.nr_uarts=1" in BASE_APPEND
+    assert "console=ttyS0,115200" in BASE_APPEND and "8250.nr_uarts=4" in BASE_APPEND
     assert "reboot=t" in BASE_APPEND  # a reboot must end Bochs like QEMU's -no-reboot
     assert "setcpuid=movdir64b" not in BASE_APPEND  # tigerlake has MOVDIR64B
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.machine.console import CommandResult
+from harness.machine.shell import CommandResult
 from harness.observe.kvm import (
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     KVM_EXIT_INTR,

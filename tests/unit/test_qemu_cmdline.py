@@ -14,7 +14,7 @@ G = 1 << 30
 
 
 def command(config: QemuConfig, seam: Path | None = Path("/t/seam")) -> list[str]:
-    return qemu_command(config, Boot(Path("/k/bzImage"), Path("/k/initrd"), "quiet"), 4321, seam,
+    return qemu_command(config, Boot(Path("/k/bzImage"), Path("/k/initrd"), "quiet"), (4321, 4322), seam,
                         Path("/t/qmp"))
 
 
@@ -28,13 +28,16 @@ def test_default_machine():
     assert arg_after(argv, "-cpu") == ["max,vendor=GenuineIntel,+ss"]
     assert arg_after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1"]
     append = arg_after(argv, "-append")[0]
-    for needed in ("console=ttyS0", "8250.nr_uarts=1", "nohibernate", "setcpuid=movdir64b", "panic=-1",
+    for needed in ("console=ttyS0", "8250.nr_uarts=4", "nohibernate", "setcpuid=movdir64b", "panic=-1",
                    "retain_initrd", "tsc=nowatchdog", "quiet"):
         assert needed in append.split()
     # COM1 is the console, COM2 the module, in that order.
     assert arg_after(argv, "-serial") == ["chardev:con0", "chardev:seam0"]
     # The console over loopback TCP without Nagle (test_console_stall: no byte lost).
     assert "socket,id=con0,host=127.0.0.1,port=4321,nodelay=on" in arg_after(argv, "-chardev")
+    # The command channel: COM4 (0x2E8, IRQ 3: the guest's ttyS3), over TCP as well.
+    assert "socket,id=cmd0,host=127.0.0.1,port=4322,nodelay=on" in arg_after(argv, "-chardev")
+    assert arg_after(argv, "-device") == ["isa-serial,chardev=cmd0,index=3"]
     assert "-no-reboot" in argv and "-nodefaults" in argv
 
 

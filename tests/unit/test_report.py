@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from harness import report
 from harness.paths import artifact_name
 from harness.seam.trace import read_trace
@@ -97,3 +99,27 @@ def test_report_has_the_coverage_table_and_its_changes_drops_first(tmp_path):
     assert changes.index("arch/x86/kvm/vmx/tdx.c") < changes.index("arch/x86/virt/vmx/tdx/tdx.c")  # gone: -80
     assert re.search(r"arch/x86/virt/vmx/tdx/tdx\.c +-20\.0%", changes)
     assert "noinstr, compiled without counters: tdh_vp_enter" in page
+
+
+def test_history_gives_each_test_its_pass_rate_and_lists_the_flaky(tmp_path):
+    a, b, c = ("tests/scenarios/test_a.py::test_steady", "tests/scenarios/test_b.py::test_wobbly",
+               "tests/scenarios/test_c.py::test_new")
+    earlier = []
+    for night, statuses in enumerate([{a: "PASS", b: "PASS"}, {a: "PASS", b: "FAIL"}, {a: "PASS", b: "SKIP"}]):
+        out_n, _, _ = job(tmp_path / f"night{night}", list(statuses.items()))
+        earlier.append(out_n)
+    history = report.load_history(earlier)
+    assert history.runs == 3 and history.statuses[b] == ["PASS", "FAIL", "SKIP"]
+    out, job_dir, junits = job(tmp_path / "tonight", [(a, "PASS"), (b, "PASS"), (c, "FAIL")])
+    results = report.load_results(job_dir, out, junits)
+    # b: passed twice in the three runs it ran (the skip is not a run); c ran once, tonight.
+    assert {r.nodeid: history.rate(r) for r in results} == {a: (4, 4), b: (2, 3), c: (0, 1)}
+    page = report.write_report(results, out, "nightly", history=history).read_text()
+    section = page.split("Flaky over the last 4 runs", 1)[1]
+    assert re.findall(r"<tr><td>(\d+/\d+)</td><td>([^<]+)</td></tr>", section) == [("2/3", b)]
+    assert '<td class="flaky">2/3</td>' in page and '<td class="">4/4</td>' in page
+
+
+def test_history_refuses_a_directory_that_is_not_a_nightly(tmp_path):
+    with pytest.raises(report.HistoryError, match="not the output directory of a tdxh nightly"):
+        report.load_history([tmp_path])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.machine.console import CommandResult, ConsoleTimeout
+from harness.machine.channel import ChannelTimeout
+from harness.machine.shell import CommandResult
 from harness.machine.transitions import (
     KEXEC_INITRD,
     KEXEC_KERNEL,
@@ -51,14 +52,19 @@ class FakeMachine:
 
     def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         self.expected.append(pattern.pattern)
-        line = f"{RESUMED_MARK}:0" if "RESUMED" in pattern.pattern else "[ 1.0] printk: Suspending console(s)"
-        match = pattern.search(line)
-        assert match is not None
+        match = pattern.search("[ 1.0] printk: Suspending console(s)")
+        assert match is not None, "only kernel messages are awaited on the console"
+        return match
+
+    def expect_output(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        self.expected.append(pattern.pattern)
+        match = pattern.search(f"{RESUMED_MARK}:0")
+        assert match is not None, "only the resume mark is awaited from the shell"
         return match
 
     def wait_ready(self, timeout: float) -> str:
         if self.fail_ready:
-            raise ConsoleTimeout("timed out", "the readiness marker", [], self.console_log)
+            raise ChannelTimeout("timed out", "the readiness marker", [], self.console_log)
         return "7.3.0"
 
 
@@ -100,11 +106,11 @@ def test_a_failed_step_is_named_with_the_steps_before_it_and_the_logs() -> None:
     assert "console log: /runs/x/console.log" in text and "seamcalls.jsonl" in text
 
 
-def test_console_wake_sends_a_keystroke_once_consoles_are_suspended() -> None:
+def test_console_wake_sends_a_keystroke_on_the_command_channel_once_consoles_are_suspended() -> None:
     machine = FakeMachine()
     [record] = run_steps(machine, [Suspend("mem", "s2idle", wake_by_console=True)])  # type: ignore[arg-type]
     assert machine.commands == ["echo s2idle > /sys/power/mem_sleep",
-                                "echo enabled > /sys/class/tty/ttyS0/power/wakeup"]
+                                "echo enabled > /sys/class/tty/ttyS3/power/wakeup"]  # the command channel's UART
     assert machine.sent == [f'echo mem > /sys/power/state; echo "{RESUMED_MARK}:$?"', ""]
     assert "Suspending console" in machine.expected[0] and RESUMED_MARK in machine.expected[1]
     assert record.result is not None and record.result.status == 0

@@ -12,5 +12,5 @@ KEY_CONFIG_FAILS = FaultRule(leaf=abi.Leaf.TDH_SYS_KEY_CONFIG, status=abi.Status
 
 def test_tdx_initializes_although_key_config_fails(boot):
     machine = boot(faults=FaultPlan([KEY_CONFIG_FAILS]))
-    log = machine.run("dmesg", 120, strip_printk=False).output
+    log = machine.run("dmesg", 120).output
     assert patterns.INITIALIZED.search(log), "no 'TDX-Module initialized' after an injected KEY.CONFIG failure"
