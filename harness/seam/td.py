@@ -509,6 +509,8 @@ def mng_rd(seam: Seam, call: Call) -> int:
     if status:
         return status
     key = _field_key(call.reg("rdx"))
+    if key is not None and key[:2] == (True, abi.TdClass.CPUID_VALUES):
+        return _cpuid_field(td, key[2], call)
     value = _td_field(td, key) if key is not None else None
     if value is None:
         return Status.TDX_METADATA_FIELD_ID_INCORRECT
@@ -534,22 +536,25 @@ def _td_field(td: Td, key: tuple[bool, int, int]) -> int | None:
         return management.get(code)
     if (non_arch, cls) == (False, abi.TdClass.TD_MEASUREMENT) and code < 6:
         return int.from_bytes(td.mrtd[8 * code:8 * code + 8], "little")  # MRTD, element by element
-    if (non_arch, cls) == (True, abi.TdClass.CPUID_VALUES):
-        return _cpuid_field(td, code)
     return None
 
 
-def _cpuid_field(td: Td, code: int) -> int | None:
+def _cpuid_field(td: Td, code: int, call: Call) -> int:
     """metadata_td.c md_td_get_element(): the field names a (leaf, subleaf) of the lookup table,
-    SUBLEAF_NA only a leaf without subleaves, so a leaf with subleaves is read one at a time."""
+    SUBLEAF_NA only a leaf without subleaves, so a leaf with subleaves is read one at a time. Set
+    reserved bits are TDX_METADATA_FIELD_ID_INCORRECT; a (leaf, subleaf) the TD has no valid
+    value for is TDX_METADATA_FIELD_NOT_READABLE. Not modelled: the real module answers 0 for a
+    leaf in the TD's CPUID_FIXED0 bitmap that is not in its lookup table (that table is not
+    part of the platform config)."""
     if code >> 17:
-        return None
+        return Status.TDX_METADATA_FIELD_ID_INCORRECT
     leaf = ((code >> 9) & 0x7F) | (0x80000000 if code >> 16 & 1 else 0)
     subleaf = abi.CPUID_NO_SUBLEAF if code >> 8 & 1 else (code >> 1) & 0x7F
     value = td.cpuid.get((leaf, subleaf))
     if value is None:
-        return None
-    return (value.edx << 32 | value.ecx) if code & 1 else (value.ebx << 32 | value.eax)
+        return Status.TDX_METADATA_FIELD_NOT_READABLE
+    call.outputs["r8"] = (value.edx << 32 | value.ecx) if code & 1 else (value.ebx << 32 | value.eax)
+    return 0
 
 
 # --- memory: S-EPT pages, private pages, measurement ------------------------------------------------

@@ -199,8 +199,12 @@ def test_td_metadata_kvm_reads():
     # bit and the TD keeps only the native bits that are neither those nor FIXED0
     # (tdh_mng_init.c read_and_set_cpuid_configurations()).
     assert ebx_eax >> 32 == config7.native.ebx & ~(config7.fixed0.ebx | config7.allow_direct.ebx)
+    # metadata_td.c md_td_get_element(): a leaf the TD has no value for cannot be read; a field
+    # code with reserved bits (23:17) set is not a field id.
     missing = call(td.module, td.memory, 0, Leaf.TDH_MNG_RD, rcx=td.tdr, rdx=0x9410000300000000 | 0x7E << 9)
-    assert (missing.status, missing.regs[2]) == (Status.TDX_METADATA_FIELD_ID_INCORRECT, 0)
+    assert (missing.status, missing.regs[2]) == (Status.TDX_METADATA_FIELD_NOT_READABLE, 0)
+    reserved = call(td.module, td.memory, 0, Leaf.TDH_MNG_RD, rcx=td.tdr, rdx=leaf7 | 1 << 17)
+    assert (reserved.status, reserved.regs[2]) == (Status.TDX_METADATA_FIELD_ID_INCORRECT, 0)
     # TDH.VP.RD/WR: what INIT_VCPU wrote reads back through the host masks.
     pin = td.sc(Leaf.TDH_VP_RD, cpu=vcpu.cpu, rcx=vcpu.tdvpr, rdx=abi.VmcsField.PIN_BASED_VM_EXEC_CONTROL)
     assert pin.regs[2] == abi.PIN_BASED_POSTED_INTR
