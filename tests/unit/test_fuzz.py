@@ -692,7 +692,9 @@ def check_hostile(guest: Guest, case: Case) -> None:
         assert str(module.anomalies.last).startswith(f"exchange {case.seq} ")
     elif case.kind is Kind.GARBAGE_CALL:
         _, variant = struct.unpack_from("<IB", case.data, HEADER.size)
-        answer = answers.frames[[f.seq for f in answers.frames].index(case.seq)]
+        # A leaf that reaches guest memory (SEAMLDR.INFO writes its buffer) sends MEM_READ or
+        # MEM_WRITE with the call's seq first: the answer is the RETURN or ERROR that ends it.
+        answer = next(f for f in answers.frames if f.seq == case.seq and f.type in (FrameType.RETURN, FrameType.ERROR))
         if variant > 2:
             assert answer.type is FrameType.ERROR and "variant" in ErrorPayload.parse(answer).text
         else:
