@@ -12,6 +12,8 @@ from pathlib import Path
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
+from harness.deadline import WAIT_SLICE
+
 TAIL_LINES = 20
 # The legacy 8250 ports the kernel registers: ttyS0 (COM1, the console), ttyS1 (COM2: the shim
 # reserves its ports first, so the 8250 driver never touches it), ttyS2 (COM3, absent) and
@@ -74,6 +76,13 @@ def discard_pending(spawn: SpawnBase) -> str:
     while spawn.expect([_ANYTHING, pexpect.TIMEOUT, pexpect.EOF], timeout=0) == 0:
         dropped.append(spawn.after)
     return "".join(dropped)
+
+
+def read_slice(timeout: float | None) -> float:
+    """How long one pexpect read may wait for pexpect's ``timeout`` (-1 or None: its default, no
+    bound): at most WAIT_SLICE, so that a Ctrl-C meant for the waiting thread gets through while
+    pexpect keeps the overall timeout."""
+    return WAIT_SLICE if timeout is None or timeout == -1 else min(max(timeout, 0.0), WAIT_SLICE)
 
 
 def quickack(sock: socket.socket) -> None:

@@ -28,7 +28,15 @@ import pexpect
 from pexpect.spawnbase import SpawnBase
 
 from harness.deadline import WAIT_SLICE, Deadline
-from harness.machine.channel import READ_SIZE, SEARCH_WINDOW, TAIL_LINES, ChannelClosed, ChannelTimeout, discard_pending
+from harness.machine.channel import (
+    READ_SIZE,
+    SEARCH_WINDOW,
+    TAIL_LINES,
+    ChannelClosed,
+    ChannelTimeout,
+    discard_pending,
+    read_slice,
+)
 
 log = logging.getLogger("harness.machine.console")
 
@@ -67,7 +75,7 @@ class _ReceivedText(SpawnBase):  # type: ignore[misc]
         WAIT_SLICE, so that a Ctrl-C meant for the waiting thread gets through); "" when nothing
         came, EOF once ended and read."""
         if not self._held and not self._ended:
-            slice_ = WAIT_SLICE if timeout is None or timeout == -1 else min(max(timeout, 0.0), WAIT_SLICE)
+            slice_ = read_slice(timeout)
             try:
                 self._take(self._incoming.get(timeout=slice_))
             except queue.Empty:

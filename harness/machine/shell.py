@@ -34,6 +34,7 @@ from harness.machine.channel import (
     ChannelTimeout,
     discard_pending,
     quickack,
+    read_slice,
     tail_lines,
 )
 
@@ -64,7 +65,7 @@ class _Channel(fdpexpect.fdspawn):  # type: ignore[misc]
         self._ack_at_once = ack_at_once
 
     def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:
-        slice_ = WAIT_SLICE if timeout is None or timeout == -1 else min(max(timeout, 0.0), WAIT_SLICE)
+        slice_ = read_slice(timeout)
         try:
             text: str = super().read_nonblocking(size, slice_)
         except pexpect.TIMEOUT:
