@@ -38,6 +38,7 @@ from harness.launch import (
     start_machine,
 )
 from harness.machine.base import Machine
+from harness.machine.bochs import BOOT_TIMEOUT as BOCHS_BOOT_TIMEOUT
 from harness.machine.bochs import TD_MIN_IPS, BochsConfig, BochsMachine, start_bochs_machine
 from harness.machine.bochs_install import BochsInstall, BochsUnavailable, fetch_bochs
 from harness.machine.qemu import QemuConfig, QemuMachine, nested_vmx_available
@@ -47,7 +48,6 @@ from harness.seam.platform import PlatformConfig
 from harness.seam.profiles import DEFAULT_PROFILE, PROFILE_ENV, PROFILES, default_profile
 
 BOOT_TIMEOUT = 300.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
-BOCHS_BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
 WORKER_MEMORY = 4 << 30  # a worker's guest (up to 2 GiB touched under TCG) and its module's memory
 EMULATED_VMX_GROUP = "emulated-vmx"
 

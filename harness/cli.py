@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_module_image)
 
     from harness import commands  # the subcommands that build and boot
+    from harness.sweep import command as sweep_command
     commands.add_subcommands(sub)
+    sweep_command.add_subcommand(sub)
     return parser
 
 
@@ -164,3 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`tdxh trace FILE | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0

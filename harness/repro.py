@@ -37,6 +37,11 @@ INFO = "bundle.json"
 KERNEL = "images/bzImage"
 INITRAMFS = "images/initramfs.cpio.gz"
 LOGS = "logs"
+# A fault sweep run's bundle (tdxh sweep): nodeid "sweep:FLOW:RUN", its run.json in the logs; it
+# is re-run with `tdxh sweep FLOW --replay`, which writes its verdict to replay.json.
+SWEEP_PREFIX = "sweep:"
+SWEEP_RUN_SPEC = "run.json"
+SWEEP_REPLAY_RESULT = "replay.json"
 
 
 class BundleError(Exception):
@@ -184,8 +189,33 @@ def pytest_command(nodeid: str, kernel: Path, initrd: Path, artifacts: Path, jun
             "--artifacts", str(artifacts), "--junitxml", str(junit), *extra]
 
 
+def sweep_command(nodeid: str, logs: Path, kernel: Path, initrd: Path, artifacts: Path) -> list[str]:
+    """`tdxh sweep FLOW --replay` of a sweep run's bundle, on exactly these images."""
+    flow = nodeid.removeprefix(SWEEP_PREFIX).split(":", 1)[0]
+    return [sys.executable, "-m", "harness", "sweep", flow, "--replay", str(logs / SWEEP_RUN_SPEC),
+            "--kernel", str(kernel), "--initramfs", str(initrd), "--out", str(artifacts)]
+
+
+def _reproduce_sweep_run(bundle: Bundle, work: Path, timeout: float) -> ReproResult:
+    artifacts = work / "artifacts"
+    command = sweep_command(bundle.info.nodeid, bundle.logs, bundle.kernel, bundle.initrd, artifacts)
+    log.info("$ cd %s && %s", REPO, shlex.join(command))
+    env = {k: v for k, v in os.environ.items() if k != COVERAGE_ENV}
+    status = subprocess.run(command, check=False, cwd=REPO, timeout=timeout, env=env).returncode
+    result = artifacts / SWEEP_REPLAY_RESULT
+    try:
+        verdict = json.loads(result.read_text())
+        line, finding = str(verdict["failure_line"]), bool(verdict["finding"])
+    except (OSError, ValueError, KeyError):
+        line, finding = "", False
+    return ReproResult(finding, finding and line == bundle.info.failure_line, line if finding else "", status,
+                       command, artifacts)
+
+
 def reproduce(bundle: Bundle, work: Path, timeout: float, extra: Sequence[str] = ()) -> ReproResult:
     """Run the bundle's scenario again (from the repository root, as it was run)."""
+    if bundle.info.nodeid.startswith(SWEEP_PREFIX):
+        return _reproduce_sweep_run(bundle, work, timeout)
     artifacts, junit = work / "artifacts", work / "junit.xml"
     command = pytest_command(bundle.info.nodeid, bundle.kernel, bundle.initrd, artifacts, junit, extra)
     log.info("$ cd %s && %s", REPO, shlex.join(command))

@@ -63,6 +63,7 @@ log = logging.getLogger("harness.machine.bochs")
 # (TD_PARAMS.TSC_FREQUENCY, in units of 25 MHz, at least 4). Bochs's TSC runs at ``ips``, so a
 # machine that creates TDs needs at least this (its guest clock then runs slower than wall time).
 TD_MIN_IPS = 100_000_000
+BOOT_TIMEOUT = 1200.0  # Bochs boots take tens of seconds, minutes on a loaded host
 
 # Like QEMU's BASE_APPEND (harness/machine/qemu.py), with three differences:
 # - console=ttyS0,115200: Bochs emulates the line rate, and the 8250 console's default 9600 baud

@@ -20,10 +20,13 @@ AGENT = "tdx-agent"
 KVM_INTEL_KO = "/lib/modules/$(uname -r)/kernel/arch/x86/kvm/kvm-intel.ko"
 LOAD_KVM_INTEL = f"insmod {KVM_INTEL_KO} tdx=1"
 UNLOAD_KVM_INTEL = "rmmod kvm_intel"
+KVM_TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a TD page costs 17 of them
 # The documented order up to a TD with one initialized vCPU and private memory at GPA 0
 # (Documentation/virt/kvm/x86/intel-tdx.rst, with SET_CPUID2 before INIT_VCPU as tdx.c needs).
 TO_MEMORY = ("create_vm", "x2apic_api", "split_irqchip", "capabilities", "init_vm", "create_vcpu",
              "set_cpuid", "init_vcpu", "memory")
+# A TD ready to run: built, one measured page range added, finalized.
+FINALIZED = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize"]
 # KVM_SUPPORTED_TDX_TD_ATTRS (tdx.c): the only TD attribute KVM offers is SEPT_VE_DISABLE.
 KVM_SUPPORTED_TD_ATTRS = 1 << 28
 # TDVMCALLINFO_SETUP_EVENT_NOTIFY_INTERRUPT: the one user TDVMCALL KVM reports.

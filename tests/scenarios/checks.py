@@ -15,7 +15,7 @@ from harness.machine.transitions import StepRecord
 from harness.observe import pamt, patterns
 from harness.observe.crash import Crash, classify, unexpected
 from harness.observe.dmesg import Timeline, read_kmsg
-from harness.observe.kvm import AGENT, LOAD_KVM_INTEL, TO_MEMORY, AgentRun, AgentStep, tdx_hardware_setup_refusal
+from harness.observe.kvm import AGENT, KVM_TIMEOUT, LOAD_KVM_INTEL, AgentRun, AgentStep, tdx_hardware_setup_refusal
 from harness.observe.tdx_host import LOAD_TDX_HOST, SEAMLDR_VERSION
 from harness.seam import abi
 from harness.seam.abi import Leaf, SeamldrLeaf
@@ -127,7 +127,6 @@ def assert_kvm_refused_tdx(machine: Machine, load: CommandResult, why: str = "")
     kernel_log(machine).expect_absent(patterns.SEAMCALL_FAILED)
 
 
-KVM_TIMEOUT = 600.0  # Bochs: a SEAMCALL round trip is ~15 ms and a TD page costs 17 of them
 
 
 def kvm_machine(vmx_boot, faults: FaultPlan | None = None, **options: str) -> Machine:
@@ -141,10 +140,6 @@ def kvm_machine(vmx_boot, faults: FaultPlan | None = None, **options: str) -> Ma
                     "no TD to run")
     assert loaded.status == 0, f"kvm_intel tdx=1 did not load: {loaded.output}"
     return machine
-
-
-# A TD ready to run: built, one measured page range added, finalized.
-FINALIZED = [*TO_MEMORY, "init_mem_region:pages=2:seed=3", "finalize"]
 
 
 def records_since(machine: Machine, start: int) -> list[TraceRecord]:

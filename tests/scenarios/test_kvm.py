@@ -14,7 +14,6 @@ import hashlib
 
 import pytest
 from checks import (
-    FINALIZED,
     KVM_TIMEOUT,
     assert_kvm_refused_tdx,
     assert_no_td_left,
@@ -27,6 +26,7 @@ from checks import (
 
 from harness.observe import patterns
 from harness.observe.kvm import (
+    FINALIZED,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_IO_IN,

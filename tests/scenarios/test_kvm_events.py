@@ -9,10 +9,10 @@ tdx_handle_exception_nmi() returns 1 for an NMI).
 from __future__ import annotations
 
 import pytest
-from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
 
 from harness.observe import patterns
-from harness.observe.kvm import KVM_EXIT_IO, KVM_EXIT_SYSTEM_EVENT, run_agent
+from harness.observe.kvm import FINALIZED, KVM_EXIT_IO, KVM_EXIT_SYSTEM_EVENT, run_agent
 from harness.seam import abi, exits
 
 pytestmark = [pytest.mark.vm, pytest.mark.vmx]

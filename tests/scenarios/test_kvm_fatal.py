@@ -21,11 +21,12 @@ software module has no banks to put it in (the host panics "from unknown source"
 from __future__ import annotations
 
 import pytest
-from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
 
 from harness.observe import patterns
 from harness.observe.crash import Crash
 from harness.observe.kvm import (
+    FINALIZED,
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_INTERNAL_ERROR,
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,

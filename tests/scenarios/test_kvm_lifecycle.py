@@ -25,7 +25,6 @@ import os
 import pytest
 from checks import (
     CRASHKERNEL,
-    FINALIZED,
     KVM_TIMEOUT,
     assert_initialized,
     assert_no_td_left,
@@ -44,6 +43,7 @@ from harness.machine.transitions import CrashDump, Kexec, run_steps
 from harness.observe import patterns
 from harness.observe.crash import classify, unexpected
 from harness.observe.kvm import (
+    FINALIZED,
     LOAD_KVM_INTEL,
     TD_MD_FIELD_ID_CPUID_VALUES,
     TO_MEMORY,

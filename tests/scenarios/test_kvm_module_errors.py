@@ -28,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine
 
 from harness.machine.base import Machine
 from harness.observe import patterns
 from harness.observe.crash import Crash
-from harness.observe.kvm import run_agent
+from harness.observe.kvm import FINALIZED, run_agent
 from harness.seam import abi, exits
 from harness.seam.abi import Leaf, OperandId, Status
 from harness.seam.faults import FaultRule

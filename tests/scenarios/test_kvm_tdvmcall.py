@@ -15,10 +15,11 @@ import errno
 from dataclasses import dataclass
 
 import pytest
-from checks import FINALIZED, KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
+from checks import KVM_TIMEOUT, assert_no_td_left, kernel_log, kvm_machine, records_since, vp_entries
 
 from harness.observe import patterns
 from harness.observe.kvm import (
+    FINALIZED,
     KVM_EXIT_HYPERCALL,
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_EXIT_IO,
