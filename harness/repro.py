@@ -91,9 +91,10 @@ def sha256_of(path: Path) -> str:
 
 
 def write_bundle(out: Path, nodeid: str, failure: str, kernel: Path, initrd: Path, kernel_identity: str,
-                 run_dir: Path) -> Path:
+                 run_dir: Path, symbols: Sequence[Path] = ()) -> Path:
     """The bundle ``out`` (a .tar.gz); ``run_dir``'s files go under logs/ (the bundle itself
-    excluded, when it is written inside run_dir)."""
+    excluded, when it is written inside run_dir); ``symbols`` (the vmlinux, .ko files) beside
+    the kernel under images/, where the call-site resolver looks for them."""
     info = BundleInfo(nodeid=nodeid, failure=failure, harness_commit=harness_commit(),
                       kernel_identity=kernel_identity, kernel_sha256=sha256_of(kernel),
                       initramfs_sha256=sha256_of(initrd), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -105,6 +106,8 @@ def write_bundle(out: Path, nodeid: str, failure: str, kernel: Path, initrd: Pat
         tar.addfile(entry, io.BytesIO(data))
         tar.add(kernel, KERNEL)
         tar.add(initrd, INITRAMFS)
+        for path in symbols:
+            tar.add(path, f"{Path(KERNEL).parent}/{path.name}")
         for path in sorted(run_dir.rglob("*")):
             if path.is_file() and path not in (out, partial) and not path.is_socket():
                 tar.add(path, f"{LOGS}/{path.relative_to(run_dir)}")

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.kernel.inspect import vmlinux_for
 from harness.launch import Images
 from harness.repro import SWEEP_PREFIX, SWEEP_RUN_SPEC, write_bundle
 from harness.seam.faults import FaultPlan
@@ -110,9 +111,18 @@ def run_one(flow: Flow, run: Run, images: Images, out: Path, timeout: float,
     if outcome.undeclared_finding:
         bundle = write_bundle(directory / "repro.tar.gz", f"{SWEEP_PREFIX}{flow.name}:{run.name}",
                               "\n".join((f"E   {verdict.outcome.value}: {verdict.reasons[0]}", *verdict.lines)),
-                              images.kernel, images.initrd, images.identity, directory)
+                              images.kernel, images.initrd, images.identity, directory, symbol_files(images))
         outcome = RunResult(run, verdict, declaration, outcome.seconds, directory, bundle)
     return outcome
+
+
+def symbol_files(images: Images) -> list[Path]:
+    """What a replay needs to name call sites as this run did: the vmlinux and kvm-intel.ko."""
+    vmlinux = vmlinux_for(images.kernel)
+    if vmlinux is None or vmlinux == images.kernel:
+        return []
+    modules = {*vmlinux.parent.glob("arch/x86/kvm/*.ko"), *vmlinux.parent.glob("*.ko")}  # a build tree, a bundle
+    return [vmlinux, *sorted(modules)]
 
 
 def sweep(flow: Flow, images: Images, out: Path, choice: SiteChoice = SiteChoice.FIRST,
