@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.kernel.inspect import vmlinux_for
@@ -23,11 +24,10 @@ from harness.seam.trace import TraceRecord
 from harness.sweep import declared as declared_outcomes
 from harness.sweep import report
 from harness.sweep.flows import Flow, FlowContext, FlowResult
-from harness.sweep.outcome import Evidence, Outcome, Verdict, classify
+from harness.sweep.outcome import Evidence, Verdict, classify
 from harness.sweep.plan import Run, SiteChoice, all_targets, choose, plan_runs
 
 log = logging.getLogger("harness.sweep")
-
 
 
 class SweepError(Exception):
@@ -69,7 +69,7 @@ class SweepResult:
         return [r for r in self.runs if r.undeclared_finding]
 
 
-def evidence_of(run: Run, result: FlowResult, reported_by: Sequence) -> Evidence:
+def evidence_of(run: Run, result: FlowResult, reported_by: Sequence[re.Pattern[str]]) -> Evidence:
     injected = [r for r in result.trace if r.injected]
     first: TraceRecord | None = injected[0] if injected else None
     after = [r for r in result.trace if first is not None and r.seq > first.seq]
@@ -112,7 +112,7 @@ def run_one(flow: Flow, run: Run, images: Images, out: Path, timeout: float,
         bundle = write_bundle(directory / "repro.tar.gz", f"{SWEEP_PREFIX}{flow.name}:{run.name}",
                               "\n".join((f"E   {verdict.outcome.value}: {verdict.reasons[0]}", *verdict.lines)),
                               images.kernel, images.initrd, images.identity, directory, symbol_files(images))
-        outcome = RunResult(run, verdict, declaration, outcome.seconds, directory, bundle)
+        outcome = replace(outcome, bundle=bundle)
     return outcome
 
 
@@ -172,6 +172,3 @@ def outcome_of_replay(flow: Flow, spec: Path, images: Images, out: Path, timeout
     """One run again from its run.json (tdxh repro of a sweep bundle, tdxh sweep --replay)."""
     run = report.load_run_spec(spec, flow.name)
     return run_one(flow, run, images, out, timeout, declared_outcomes.load())
-
-
-__all__ = ["Outcome", "RunResult", "SweepError", "SweepResult", "outcome_of_replay", "sweep"]
